@@ -1,0 +1,172 @@
+"""The W2SD reflection operator and its per-step schedule.
+
+A reflection at noise level sigma over the step sigma -> sigma_next (h = sigma - sigma_next) is, in k-diffusion's
+VE coordinates (``x = x0 + sigma * eps``, Euler derivative ``(x - D) / sigma``)::
+
+    x'  = x  + (sigma_next - sigma) * (x  - D_strong(x,  sigma)) / sigma     # strong denoise (DDIM = Euler)
+    x~  = x' + (sigma - sigma_next) * (x' - D_weak(x', sw))      / sw        # weak inversion
+    x  <- x + strength * (x~ - x)
+
+with ``sw = sigma`` (``weak_sigma="current"``, the paper's Eq. 5 and the official code) or ``sw = sigma_next``
+(``"next"``, textbook inversion). To first order it moves x by ``(h / sigma) (D_strong - D_weak)``.
+``form="anchored"`` evaluates both legs at ``(x, sigma)``: ``x + (h / sigma_next) (D_strong - D_weak)``, which is
+exactly the identity when weak equals strong.
+"""
+import math
+
+import torch
+
+WEAK_SIGMAS = ('current', 'next')
+FORMS = ('paper', 'anchored')
+
+
+def _extra(spec, main_extra_args):
+    # A function spec is evaluated per call: hosts (A1111) swap conds inside the live extra_args mid-run.
+    return spec(main_extra_args) if callable(spec) else spec
+
+
+def checked(role, denoiser):
+    """``denoiser`` with a check that its output is shaped like its input; errors name the role."""
+    def call(x, sigma, **extra_args):
+        out = denoiser(x, sigma, **extra_args)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f'the {role} denoiser returned {got} for an input of shape {tuple(x.shape)}; '
+                             f'a k-diffusion denoiser must return a denoised estimate shaped like x')
+        return out
+    return call
+
+
+def _call(role, denoiser, x, sigma, extra_args):
+    return checked(role, denoiser)(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+
+
+def reflect(x, sigma, sigma_next, strong, weak, strong_extra_args=None, weak_extra_args=None, *,
+            strength=1., weak_sigma='current', form='paper', reflections=1):
+    """Reflect ``x`` at ``sigma`` over the step to ``sigma_next > 0``; returns a new tensor.
+
+    ``strong`` and ``weak`` are k-diffusion denoisers ``D(x, sigma[B], **extra_args)``.
+    """
+    check_options(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
+    if not float(sigma_next) > 0:
+        raise ValueError(f'sigma_next must be > 0 to reflect (got {float(sigma_next)}): '
+                         'a reflection into sigma = 0 has no inversion')
+    if not float(sigma) > float(sigma_next):
+        raise ValueError(f'sigma ({float(sigma)}) must be larger than sigma_next ({float(sigma_next)})')
+    ea_s = {} if strong_extra_args is None else strong_extra_args
+    ea_w = {} if weak_extra_args is None else weak_extra_args
+    for _ in range(reflections):
+        x = _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form)
+    return x
+
+
+def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form):
+    h = sigma - sigma_next
+    d_strong = _call('strong', strong, x, sigma, ea_s)
+    if form == 'anchored':
+        return x + (strength * h / sigma_next) * (d_strong - _call('weak', weak, x, sigma, ea_w))
+    x_strong = x - h * (x - d_strong) / sigma
+    sw = sigma if weak_sigma == 'current' else sigma_next
+    x_back = x_strong + h * (x_strong - _call('weak', weak, x_strong, sw, ea_w)) / sw
+    return x + strength * (x_back - x)
+
+
+def check_options(*, strength, weak_sigma, form, reflections):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise ValueError(f'strength must be a finite number (1.0 = the paper), got {strength!r}')
+    if weak_sigma not in WEAK_SIGMAS:
+        raise ValueError(f'weak_sigma must be one of {WEAK_SIGMAS}, got {weak_sigma!r}')
+    if form not in FORMS:
+        raise ValueError(f'form must be one of {FORMS}, got {form!r}')
+    if form == 'anchored' and weak_sigma != 'current':
+        raise ValueError("form='anchored' evaluates the weak leg at the current sigma; "
+                         "weak_sigma='next' only applies to form='paper'")
+    if isinstance(reflections, bool) or not isinstance(reflections, int) or reflections < 1:
+        raise ValueError(f'reflections (per step) must be an integer >= 1, got {reflections!r}')
+
+
+def check_sigmas(sigmas):
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f'sigmas must be a torch.Tensor, got {type(sigmas).__name__}')
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'sigmas must be a 1-D schedule with at least 2 entries, got shape {tuple(sigmas.shape)}')
+    if not torch.isfinite(sigmas).all():
+        raise ValueError('sigmas must be finite (found inf or nan)')
+    if (sigmas < 0).any():
+        raise ValueError('sigmas must be >= 0 (found a negative sigma)')
+    if (sigmas[1:] > sigmas[:-1]).any():
+        raise ValueError('sigmas must be non-increasing (noisiest first, as k-diffusion schedules are)')
+
+
+def reflected_steps(sigmas, lam=None, sigma_window=None):
+    """Boolean list: does step i (sigmas[i] -> sigmas[i+1]) reflect?
+
+    ``lam``: reflect the first ``lam`` steps (the noisiest); default ``len(sigmas) - 2``, i.e. every step but
+    the last (the paper's T=50, lambda=49). ``sigma_window=(lo, hi)``: reflect the steps with
+    ``lo <= sigmas[i] <= hi`` instead. A step into sigma = 0 never reflects.
+    """
+    n = len(sigmas) - 1
+    if lam is not None and sigma_window is not None:
+        raise ValueError('give lam (first lambda steps) or sigma_window (lo, hi), not both')
+    if sigma_window is not None:
+        try:
+            lo, hi = (float(v) for v in sigma_window)
+        except (TypeError, ValueError):
+            raise ValueError(f'sigma_window must be a pair (lo, hi) of numbers, got {sigma_window!r}') from None
+        if not lo <= hi:
+            raise ValueError(f'sigma_window must have lo <= hi, got {sigma_window!r}')
+        chosen = [lo <= float(s) <= hi for s in sigmas[:-1]]
+    else:
+        lam = n - 1 if lam is None else lam
+        if isinstance(lam, bool) or not isinstance(lam, int) or lam < 0:
+            raise ValueError(f'lam (number of reflected steps) must be an integer >= 0, got {lam!r}')
+        chosen = [i < lam for i in range(n)]
+    return [c and float(sigmas[i + 1]) > 0 for i, c in enumerate(chosen)]
+
+
+class Reflection:
+    """The W2SD options of one sampler call, bound to its model, schedule and extra args.
+
+    ``refl(x, i)`` returns x reflected for step i, or x itself when step i does not reflect.
+
+    Options (keyword-only, paper defaults):
+      weak: the weak denoiser (required).
+      weak_extra_args: dict, or a function of the main extra_args returning a dict (default: the main ones).
+      strong: the reflection's strong denoiser (default: the main model).
+      strong_extra_args: as weak_extra_args, for the strong leg (default: the main ones).
+      lam: reflect the first lam steps (default: all but the last). sigma_window: (lo, hi) instead of lam.
+      strength: multiplies the reflection displacement (1.0 = the paper; 0 turns reflection off).
+      weak_sigma: 'current' (paper Eq. 5) or 'next' (textbook inversion).
+      form: 'paper' or 'anchored' (both legs at (x, sigma)).
+      reflections: reflections per reflected step (1 = the paper).
+    """
+
+    def __init__(self, model, sigmas, extra_args, *, weak=None, weak_extra_args=None, strong=None,
+                 strong_extra_args=None, lam=None, sigma_window=None, strength=1., weak_sigma='current',
+                 form='paper', reflections=1):
+        check_sigmas(sigmas)
+        check_options(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
+        if weak is None:
+            raise TypeError('W2SD needs a weak denoiser: pass weak=<callable D(x, sigma, **extra_args)> '
+                            '(see w2sd_samplers.pairs for CFG, prompt, LoRA and checkpoint pairs)')
+        for role, d in (('main', model), ('weak', weak), ('strong', strong)):
+            if d is not None and not callable(d):
+                raise TypeError(f'the {role} denoiser must be callable, got {type(d).__name__}')
+        for role, ea in (('weak', weak_extra_args), ('strong', strong_extra_args)):
+            if ea is not None and not (callable(ea) or isinstance(ea, dict)):
+                raise TypeError(f'{role}_extra_args must be a dict or a function of the main extra_args, '
+                                f'got {type(ea).__name__}')
+        self.main = checked('main', model)
+        self.sigmas, self.extra_args = sigmas, extra_args
+        self.weak, self.strong = weak, model if strong is None else strong
+        self.weak_extra_args, self.strong_extra_args = weak_extra_args, strong_extra_args
+        self.options = dict(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
+        self.steps = reflected_steps(sigmas, lam, sigma_window) if strength != 0 else [False] * (len(sigmas) - 1)
+
+    def __call__(self, x, i):
+        if not self.steps[i]:
+            return x
+        ea = self.extra_args
+        ea_s = ea if self.strong_extra_args is None else _extra(self.strong_extra_args, ea)
+        ea_w = ea if self.weak_extra_args is None else _extra(self.weak_extra_args, ea)
+        return reflect(x, self.sigmas[i], self.sigmas[i + 1], self.strong, self.weak, ea_s, ea_w, **self.options)

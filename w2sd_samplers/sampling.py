@@ -1,0 +1,381 @@
+"""W2SD versions of k-diffusion's samplers.
+
+Each ``sample_w2sd_X`` takes ``sample_X``'s arguments plus the keyword-only W2SD options of
+:class:`w2sd_samplers.reflect.Reflection` (``weak`` is required). Every step first calls the reflection (the
+identity on unreflected steps), then takes ``sample_X``'s own step; with reflection off (``lam=0`` or
+``strength=0``) the result equals ``k_diffusion.sampling.sample_X``'s bit for bit. Helpers and noise come from
+the active k-diffusion copy (``_kdiff``), so host seeds are kept; reflections draw no noise.
+"""
+import functools
+import inspect
+
+import torch
+from tqdm.auto import trange
+
+from . import _kdiff
+from .reflect import Reflection
+
+OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.values()
+                     if p.kind is p.KEYWORD_ONLY)
+
+
+def _w2sd_signature(fn):
+    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    options = [p for p in inspect.signature(Reflection).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    fn.__signature__ = inspect.Signature(params + options)
+    return fn
+
+
+def _setup(model, x, sigmas, extra_args, w2sd):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
+    extra_args = {} if extra_args is None else extra_args
+    refl = Reflection(model, sigmas, extra_args, **w2sd)
+    return refl.main, extra_args, refl, x.new_ones([x.shape[0]])
+
+
+def _sigma_fn(t):
+    return t.neg().exp()
+
+
+def _t_fn(sigma):
+    return sigma.log().neg()
+
+
+def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al.'s stochastic churn: raise sigma_i to sigma_hat by adding noise."""
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+    eps = _kdiff.randn_like(x) * s_noise
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def _brownian_default(x, sigmas, noise_sampler):
+    K = _kdiff.sampling()
+    sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
+    return K.BrownianTreeNoiseSampler(x, sigma_min, sigma_max) if noise_sampler is None else noise_sampler
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                      s_tmax=float('inf'), s_noise=1., **w2sd):
+    """Euler steps (Karras et al. 2022, Algorithm 2) with W2SD reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = K.to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x = x + d * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                                noise_sampler=None, **w2sd):
+    """Ancestral Euler steps with W2SD reflections (the reflection spans sigma_i -> sigma_{i+1})."""
+    K = _kdiff.sampling()
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        d = K.to_d(x, sigmas[i], denoised)
+        x = x + d * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                     s_tmax=float('inf'), s_noise=1., **w2sd):
+    """Heun steps (Karras et al. 2022, Algorithm 2) with W2SD reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = K.to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = K.to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                      s_tmax=float('inf'), s_noise=1., **w2sd):
+    """DPM-Solver-2-style midpoint steps (k-diffusion's dpm_2) with W2SD reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = K.to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
+        else:
+            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = K.to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+            x = x + d_2 * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                                noise_sampler=None, **w2sd):
+    """Ancestral DPM-Solver-2 steps with W2SD reflections."""
+    K = _kdiff.sampling()
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        d = K.to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = K.to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, **w2sd):
+    """Linear multistep with W2SD reflections; the derivative history carries across reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    sigmas_cpu = sigmas.detach().cpu().numpy()
+    ds = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        ds = (ds + [K.to_d(x, sigmas[i], denoised)])[-order:]
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        cur_order = min(i + 1, order)
+        coeffs = [K.linear_multistep_coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                                   s_noise=1., noise_sampler=None, **w2sd):
+    """Ancestral DPM-Solver++(2S) with W2SD reflections."""
+    K = _kdiff.sampling()
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigma_down == 0:
+            x = x + K.to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_next = _t_fn(sigmas[i]), _t_fn(sigma_down)
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (_sigma_fn(s) / _sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, _sigma_fn(s) * s_in, **extra_args)
+            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                          noise_sampler=None, r=1 / 2, **w2sd):
+    """DPM-Solver++ (stochastic) with W2SD reflections; Brownian-tree noise by default, as k-diffusion."""
+    K = _kdiff.sampling()
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigmas[i + 1] == 0:
+            x = x + K.to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        else:
+            t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
+            h = t_next - t
+            s = t + h * r
+            fac = 1 / (2 * r)
+            sd, su = K.get_ancestral_step(_sigma_fn(t), _sigma_fn(s), eta)
+            s_ = _t_fn(sd)
+            x_2 = (_sigma_fn(s_) / _sigma_fn(t)) * x - (t - s_).expm1() * denoised
+            x_2 = x_2 + noise_sampler(_sigma_fn(t), _sigma_fn(s)) * s_noise * su
+            denoised_2 = model(x_2, _sigma_fn(s) * s_in, **extra_args)
+            sd, su = K.get_ancestral_step(_sigma_fn(t), _sigma_fn(t_next), eta)
+            t_next_ = _t_fn(sd)
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (_sigma_fn(t_next_) / _sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+            x = x + noise_sampler(_sigma_fn(t), _sigma_fn(t_next)) * s_noise * su
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **w2sd):
+    """DPM-Solver++(2M) with W2SD reflections; the previous denoised estimate carries across reflections."""
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    old_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            r = (t - _t_fn(sigmas[i - 1])) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                             noise_sampler=None, solver_type='midpoint', **w2sd):
+    """DPM-Solver++(2M) SDE (midpoint or heun) with W2SD reflections."""
+    if solver_type not in {'heun', 'midpoint'}:
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    old_denoised, h_last = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == 'heun':
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old_denoised, h_last = denoised, h
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                             noise_sampler=None, **w2sd):
+    """DPM-Solver++(3M) SDE with W2SD reflections; two past denoised estimates carry across reflections."""
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
+            if eta:
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+def with_reflection(sampler):
+    """W2SD version of a single-step k-diffusion-style sampler.
+
+    ``sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs)`` is run one step at a
+    time on ``sigmas[i:i+2]``, with a reflection before each reflected step. Only for samplers whose step i
+    depends on nothing but x, sigmas[i] and sigmas[i+1]: multistep history, ``s_churn`` (scaled by the step
+    count) and defaults built from the whole schedule (Brownian trees: pass ``noise_sampler``) would change.
+    """
+    @functools.wraps(sampler)
+    @torch.no_grad()
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        w2sd = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        model, extra_args, refl, _ = _setup(model, x, sigmas, extra_args, w2sd)
+        for i in trange(len(sigmas) - 1, disable=disable):
+            x = refl(x, i)
+            step_callback = None if callback is None else functools.partial(_renumber, callback, i)
+            x = sampler(model, x, sigmas[i:i + 2], extra_args=extra_args, callback=step_callback, disable=True,
+                        **kwargs)
+        return x
+    return sample
+
+
+def _renumber(callback, i, d):
+    callback({**d, 'i': i})
+
+
+SAMPLERS = {name[len('sample_w2sd_'):]: fn for name, fn in globals().items() if name.startswith('sample_w2sd_')}
