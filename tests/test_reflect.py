@@ -1,6 +1,7 @@
 """reflect(): closed forms on exact Gaussian-mixture denoisers, the schedule, and input checks."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,7 @@ def test_schedule():
     assert reflected_steps(sig, lam=2) == [True, True, False, False, False]
     assert reflected_steps(sig, lam=99) == [True, True, True, True, False]  # never into sigma = 0
     assert reflected_steps(sig, lam=0) == [False] * 5
+    assert reflected_steps(sig, lam=np.int64(1)) == [True] + [False] * 4
     assert reflected_steps(sig, sigma_window=(1., 5.)) == [False, True, True, True, False]
     with pytest.raises(ValueError, match='not both'):
         reflected_steps(sig, lam=2, sigma_window=(0, 1))

@@ -13,6 +13,7 @@ with ``sw = sigma`` (``weak_sigma="current"``, the paper's Eq. 5 and the officia
 exactly the identity when weak equals strong.
 """
 import math
+import numbers
 
 import torch
 
@@ -72,7 +73,7 @@ def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak
 
 
 def check_options(*, strength, weak_sigma, form, reflections):
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
         raise ValueError(f'strength must be a finite number (1.0 = the paper), got {strength!r}')
     if weak_sigma not in WEAK_SIGMAS:
         raise ValueError(f'weak_sigma must be one of {WEAK_SIGMAS}, got {weak_sigma!r}')
@@ -81,7 +82,7 @@ def check_options(*, strength, weak_sigma, form, reflections):
     if form == 'anchored' and weak_sigma != 'current':
         raise ValueError("form='anchored' evaluates the weak leg at the current sigma; "
                          "weak_sigma='next' only applies to form='paper'")
-    if isinstance(reflections, bool) or not isinstance(reflections, int) or reflections < 1:
+    if isinstance(reflections, bool) or not isinstance(reflections, numbers.Integral) or reflections < 1:
         raise ValueError(f'reflections (per step) must be an integer >= 1, got {reflections!r}')
 
 
@@ -118,7 +119,7 @@ def reflected_steps(sigmas, lam=None, sigma_window=None):
         chosen = [lo <= float(s) <= hi for s in sigmas[:-1]]
     else:
         lam = n - 1 if lam is None else lam
-        if isinstance(lam, bool) or not isinstance(lam, int) or lam < 0:
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Integral) or lam < 0:
             raise ValueError(f'lam (number of reflected steps) must be an integer >= 0, got {lam!r}')
         chosen = [i < lam for i in range(n)]
     return [c and float(sigmas[i + 1]) > 0 for i, c in enumerate(chosen)]
