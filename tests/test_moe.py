@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -186,8 +188,12 @@ def test_moe_pair_in_a_reflection(model):
     # The paper's MoE pair: strong = top-k, weak = bottom-k of the same network.
     snap = snapshot(model)
     routing = ExpertRouting(model)
-    x = torch.randn(2, 4, DIM)
-    out = reflect(x, torch.tensor(2.), torch.tensor(1.5), routed(model, routing, 'top'), routed(model, routing, 'bottom'))
-    same = reflect(x, torch.tensor(2.), torch.tensor(1.5), model, model)
-    assert out.shape == x.shape and (out - same).abs().max() > 1e-4
+    flipped = copy.deepcopy(model)  # reference weak model: a copy with negated gate weights
+    with torch.no_grad():
+        for block in flipped.blocks:
+            block.gate.weight.neg_()
+    x, sigma, sigma_next = torch.randn(2, 4, DIM), torch.tensor(2.), torch.tensor(1.5)
+    out = reflect(x, sigma, sigma_next, routed(model, routing, 'top'), routed(model, routing, 'bottom'))
+    torch.testing.assert_close(out, reflect(x, sigma, sigma_next, model, flipped), atol=0, rtol=0)
+    assert (out - reflect(x, sigma, sigma_next, model, model)).abs().max() > 1e-4
     assert_restored(model, snap)
