@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from w2sd_samplers.lora import SwitchableLoRA, load_lora, scaled, sgm_names
-from w2sd_samplers.reflect import reflect
+from w2sd_samplers.sampling import sample_w2sd_euler
 
 SCALES = (0.8, -1.5, 0.37, 0.)
 
@@ -343,7 +343,7 @@ def test_weights_bit_identical_after_switches_exceptions_and_interrupts(tiny):
     assert torch.equal(tiny(x), base)
 
 
-def test_lora_pair_in_a_reflection_equals_merged_models(tiny):
+def test_lora_pair_in_a_w2sd_sampler_equals_merged_models(tiny):
     # The paper's LoRA pair: one model, strong at scale 0.8, weak at -1.5.
     class Denoiser(nn.Module):
         def __init__(self, net):
@@ -351,18 +351,22 @@ def test_lora_pair_in_a_reflection_equals_merged_models(tiny):
             self.net = net
 
         def forward(self, x, sigma):
-            return x * self.net(x.reshape(-1, 3, 2, 2).repeat(1, 1, 3, 3)).mean() / (1 + sigma[:, None] ** 2)
+            return x * self.net(x.reshape(-1, 3, 2, 2).repeat(1, 1, 3, 3)).mean(1, keepdim=True) / (1 + sigma[:, None] ** 2)
     lora = simple_lora()
     deltas = {'fc': lora_delta(lora['lora_unet_fc.lora_down.weight'], lora['lora_unet_fc.lora_up.weight']),
               'enc.conv3': lora_delta(lora['lora_unet_enc_conv3.lora_down.weight'],
                                       lora['lora_unet_enc_conv3.lora_up.weight'])}
-    model = Denoiser(tiny)
+    model, saved = Denoiser(tiny), weights_of(tiny)
     sl = SwitchableLoRA(tiny, lora)
-    x, sigma, sigma_next = torch.randn(2, 12), torch.tensor(3.), torch.tensor(2.)
-    out = reflect(x, sigma, sigma_next, scaled(model, sl, 0.8), scaled(model, sl, -1.5))
-    ref = reflect(x, sigma, sigma_next, Denoiser(merged(tiny, deltas, 0.8)), Denoiser(merged(tiny, deltas, -1.5)))
+    x, sigmas = torch.randn(2, 12), torch.tensor([3., 2., 1., 0.])
+    strong = scaled(model, sl, 0.8)
+    out = sample_w2sd_euler(strong, x, sigmas, strong=strong, weak=scaled(model, sl, -1.5), disable=True)
+    strong_ref = Denoiser(merged(tiny, deltas, 0.8))
+    ref = sample_w2sd_euler(strong_ref, x, sigmas, weak=Denoiser(merged(tiny, deltas, -1.5)), disable=True)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert (out - sample_w2sd_euler(strong_ref, x, sigmas, weak=strong_ref, disable=True)).abs().max() > 1e-4
     assert sl.current_scale == 0
+    assert_same_weights(tiny, saved)
 
 
 def test_name_map_and_skip(tiny):
@@ -394,7 +398,11 @@ def test_bad_loras_give_clear_errors(tmp_path, tiny):
     with pytest.raises(TypeError, match='finite'):
         SwitchableLoRA(tiny, simple_lora()).set_scale(float('nan'))
     with pytest.raises(TypeError, match='finite'):
-        scaled(tiny, SwitchableLoRA(tiny, {}), '0.8')
+        scaled(tiny, SwitchableLoRA(tiny, simple_lora()), '0.8')
+    with pytest.raises(ValueError, match='no tensors'):
+        SwitchableLoRA(tiny, simple_lora(), skip='lora_unet')
+    with pytest.raises(ValueError, match="'custom_fc' to 'enc'"):
+        SwitchableLoRA(tiny, simple_lora('custom_'), name_map={'custom_fc': 'enc'})
     garbage = tmp_path / 'garbage.safetensors'
     garbage.write_bytes(b'\x00' * 7 + b'not a safetensors file' * 10)
     with pytest.raises(ValueError, match='not a valid safetensors file.*never unpickled'):

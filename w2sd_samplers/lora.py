@@ -302,7 +302,10 @@ class SwitchableLoRA:
                 continue
             mapped = name_map.get(module_key) if isinstance(name_map, dict) else \
                 name_map(module_key) if callable(name_map) else None
-            target = mapped if mapped in layers else _lookup(module_key, kind, table)
+            if mapped is not None and mapped not in layers:
+                raise ValueError(f'name_map maps {module_key!r} to {mapped!r}, which is not a Linear/Conv layer of '
+                                 f'the module')
+            target = mapped or _lookup(module_key, kind, table)
             if target is None:
                 unmatched.append(key)
                 continue
@@ -314,6 +317,9 @@ class SwitchableLoRA:
         if unmatched:
             raise ValueError(f'{len(unmatched)} LoRA keys match no Linear/Conv layer of the module (pass name_map= '
                              f'to map them, or skip= to leave them out): {sorted(unmatched)}')
+        if not groups:
+            raise ValueError('the LoRA has no tensors to apply' + (f' once keys starting with {skip} are skipped'
+                                                                   if skip else ''))
         targets = [t for t, _, _ in groups]
         doubled = sorted({t for t in targets if targets.count(t) > 1})
         if doubled:
