@@ -263,7 +263,29 @@ def sdxl_unet():
                      projection_class_embeddings_input_dim=64)
 
 
+def test_sgm_names_on_sd1_layout():
+    # Spellings of the original SD1.5 checkpoint (LDM): 12 input blocks, downsamplers at 3, 6, 9; upsamplers after
+    # output blocks 2 (no attention), 5 and 8.
+    unet = tiny_unet(block_out_channels=(32, 32, 64, 64), layers_per_block=2, attention_head_dim=2)
+    names = sgm_names(unet)
+    assert {n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))} <= names.keys()
+    expected = {'down_blocks.0.attentions.0.proj_in': 'input_blocks.1.1.proj_in',
+                'down_blocks.0.downsamplers.0.conv': 'input_blocks.3.0.op',
+                'down_blocks.2.downsamplers.0.conv': 'input_blocks.9.0.op',
+                'down_blocks.3.resnets.1.conv2': 'input_blocks.11.0.out_layers.3',
+                'mid_block.attentions.0.transformer_blocks.0.attn1.to_q':
+                    'middle_block.1.transformer_blocks.0.attn1.to_q',
+                'up_blocks.0.upsamplers.0.conv': 'output_blocks.2.1.conv',
+                'up_blocks.1.upsamplers.0.conv': 'output_blocks.5.2.conv',
+                'up_blocks.1.resnets.0.conv_shortcut': 'output_blocks.3.0.skip_connection',
+                'up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2':
+                    'output_blocks.11.1.transformer_blocks.0.ff.net.2',
+                'time_embedding.linear_2': 'time_embed.2', 'conv_out': 'out.2'}
+    assert {k: names[k] for k in expected} == expected
+
+
 def test_sgm_names_agree_with_diffusers_converter():
+    # diffusers' converter matches block ids by substring, so it is only right below 10 input blocks: SDXL's layout.
     from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
                                                          _maybe_map_sgm_blocks_to_diffusers)
     unet = sdxl_unet()
