@@ -43,6 +43,8 @@ def r(*shape):
 def merged(model, deltas, scale):
     """A copy of model with W + scale * delta written into the named layers: the reference."""
     m = copy.deepcopy(model)
+    for layer in m.modules():  # a deep copy would carry the LoRA hooks along
+        layer._forward_hooks.clear()
     layers = dict(m.named_modules())
     with torch.no_grad():
         for name, delta in deltas.items():
