@@ -417,6 +417,10 @@ def test_bad_loras_give_clear_errors(tmp_path, tiny):
         SwitchableLoRA(tiny, {'lora_unet_fc.lora_down.weight': r(2, 5), 'lora_unet_fc.lora_up.weight': r(6, 2)})
     with pytest.raises(ValueError, match="'lora_unet_fc'.*lacks the tensor 'lora_up.weight'"):
         SwitchableLoRA(tiny, {'lora_unet_fc.lora_down.weight': r(2, 4)})
+    with pytest.raises(ValueError, match="'lora_unet_fc'.*lacks the tensor 'hada_w1_a'"):
+        SwitchableLoRA(tiny, {f'lora_unet_fc.hada_{k}': r(2, 2) for k in ('w1_b', 'w2_a', 'w2_b')})
+    with pytest.raises(ValueError, match="'lora_unet_fc'.*one adapter kind"):
+        SwitchableLoRA(tiny, {'lora_unet_fc.lora_up.weight': r(6, 2), 'lora_unet_fc.lokr_w1': r(2, 2)})
     with pytest.raises(ValueError, match='same layers'):
         SwitchableLoRA(tiny, {**simple_lora(), 'fc.lora_A.weight': r(2, 4), 'fc.lora_B.weight': r(6, 2)})
     with pytest.raises(TypeError, match='finite'):

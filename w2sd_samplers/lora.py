@@ -186,14 +186,14 @@ def _tucker(t, wa, wb):
     return torch.einsum('ijkl,jr,ip->prkl', t, wb.flatten(1), wa.flatten(1))
 
 
-def _full_delta(parts, weight, factor):
+def _full_delta(family, parts, weight, factor):
     """Full delta weight (float32, scale factor folded in) of one module's adapter, shaped like weight."""
     p = {k: v.float() for k, v in parts.items()}
-    if 'lora_down.weight' in p:
+    if family == 'lora':
         up, down = p['lora_up.weight'].flatten(1), p['lora_down.weight'].flatten(1)
         delta = up @ down if 'lora_mid.weight' not in p else \
             torch.einsum('or,rskl,si->oikl', up, p['lora_mid.weight'], down)
-    elif 'hada_w1_a' in p:
+    elif family == 'hada':
         factor = p['alpha'].item() / p['hada_w1_b'].shape[0] if 'alpha' in p else 1.
         if 'hada_t1' in p:
             delta = _tucker(p['hada_t1'], p['hada_w1_a'], p['hada_w1_b']) * \
@@ -242,14 +242,17 @@ class _Branch:
         self.conv = None if isinstance(layer, torch.nn.Linear) else getattr(F, f'conv{w.dim() - 2}d')
         if self.conv is not None and layer.padding_mode != 'zeros':
             raise ValueError(f'padding_mode {layer.padding_mode!r} is not supported')
-        if 'lora_down.weight' in parts:
+        families = {k.partition('_')[0] for k in parts if k != 'alpha'}  # lora, hada (LoHa) or lokr
+        if len(families) != 1:
+            raise ValueError(f'expected the tensors of one adapter kind, got {sorted(parts)}')
+        family = families.pop()
+        if family == 'lora':
             down, up = parts['lora_down.weight'], parts['lora_up.weight']
             rank = down.shape[0]
             if factor is None:
                 factor = parts['alpha'].item() / rank if 'alpha' in parts else 1.
         self.down = self.up = self.delta = None
-        if set(parts) <= {'lora_down.weight', 'lora_up.weight', 'alpha'} and \
-                (self.conv is None or layer.groups == 1):
+        if family == 'lora' and 'lora_mid.weight' not in parts and (self.conv is None or layer.groups == 1):
             # Plain LoRA/LoCon: two skinny layers, the down one with the target's stride/padding/dilation.
             if up.shape[0] != w.shape[0] or up[0].numel() != rank or down[0].numel() != w[0].numel():
                 raise ValueError(f'down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the layer weight '
@@ -257,7 +260,7 @@ class _Branch:
             self.down = down.reshape(rank, *w.shape[1:]).to(w)
             self.up = (up.reshape(w.shape[0], rank, *[1] * (w.dim() - 2)).float() * factor).to(w)
         else:
-            self.delta = _full_delta(parts, w, factor).to(w)
+            self.delta = _full_delta(family, parts, w, factor).to(w)
 
     def hook(self, layer, args, output):
         if self.scale == 0:
