@@ -147,12 +147,13 @@ def test_k_override_routes_to_k_experts(model):
 
 
 def test_gate_selection_by_name_predicate_and_linear_gates():
-    class MixtralLike(nn.Module):  # gate is an nn.Linear with bias; the top-k lives in the parent
+    class MixtralLike(nn.Module):  # gate: an nn.Linear with bias; top-k in the parent; experts fused in one module
         def __init__(self):
             super().__init__()
             self.top_k = K
             self.gate = nn.Linear(DIM, EXPERTS)
-            self.experts = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(EXPERTS))
+            self.experts = nn.Module()
+            self.experts.weight = nn.Parameter(torch.randn(EXPERTS, DIM, DIM))
 
         def forward(self, h):
             return self.gate(h).topk(self.top_k, -1).indices

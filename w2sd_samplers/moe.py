@@ -22,10 +22,11 @@ K_ATTRIBUTES = ('top_k', 'num_experts_per_tok')
 
 
 def find_gates(model):
-    """Names of DiT-MoE/Mixtral-style gates: a ``gate`` or ``router`` child of a module that has ``experts``."""
+    """Names of DiT-MoE/Mixtral-style gates: a ``gate`` or ``router`` child of a module that has an ``experts``
+    module (a ModuleList, or one module holding fused expert weights as in transformers' Mixtral)."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, 'experts', None), torch.nn.ModuleList):
+        if isinstance(getattr(module, 'experts', None), torch.nn.Module):
             for child in ('gate', 'router'):
                 if isinstance(getattr(module, child, None), torch.nn.Module):
                     names.append(f'{name}.{child}' if name else child)
@@ -35,8 +36,8 @@ def find_gates(model):
 class ExpertRouting:
     """Switches every gate of ``model`` between its usual top-k routing and the bottom-k experts.
 
-    ``gates``: None (find DiT-MoE/Mixtral-style gates), a list of module paths, or a predicate
-    ``(name, module) -> bool``. Each gate must own the ``weight`` (and optional ``bias``) of its logit map.
+    ``gates``: None (DiT-MoE/Mixtral-style gates, see :func:`find_gates`), a list of module paths, or a
+    predicate ``(name, module) -> bool``. Each gate must own the ``weight`` (and optional ``bias``) of its logit map.
     ``k``: route to this many experts in both modes (set on the gates' and their parents' ``top_k`` /
     ``num_experts_per_tok`` attributes for the duration of a mode); None keeps the model's own k.
     """
