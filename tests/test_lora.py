@@ -375,7 +375,8 @@ def test_lora_pair_in_a_w2sd_sampler_equals_merged_models(tiny):
             self.net = net
 
         def forward(self, x, sigma):
-            return x * self.net(x.reshape(-1, 3, 2, 2).repeat(1, 1, 3, 3)).mean(1, keepdim=True) / (1 + sigma[:, None] ** 2)
+            gain = self.net(x.reshape(-1, 3, 2, 2).repeat(1, 1, 3, 3)).mean(1, keepdim=True)
+            return x * gain / (1 + sigma[:, None] ** 2)
     lora = simple_lora()
     deltas = {'fc': lora_delta(lora['lora_unet_fc.lora_down.weight'], lora['lora_unet_fc.lora_up.weight']),
               'enc.conv3': lora_delta(lora['lora_unet_enc_conv3.lora_down.weight'],
