@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import trange
 
 from . import _kdiff
-from .pairs import Roles, guidance
+from . import pairs
 from .reflect import check_sigmas, checked, reflected_steps
 
 
@@ -39,7 +39,7 @@ def difference_guidance(roles, w=1., *, sigma_window=None):
     difference only for ``lo <= sigma <= hi`` (elsewhere D_main alone). NFE per call: 2 when the strong leg is the
     main one (3 otherwise), 1 outside the window; a guidance pair's shared CFG batches all legs into one forward.
     """
-    if not isinstance(roles, Roles):
+    if not isinstance(roles, pairs.Roles):
         raise TypeError(f'difference_guidance needs a pairs.Roles, got {type(roles).__name__}')
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
         raise ValueError(f'w must be a finite number (1.0 = W2SD\'s first-order twin), got {w!r}')
@@ -67,7 +67,7 @@ def z_sampling(model, cond, uncond, *, scale=5.5, weak_scale=0., shared=None):
     Use with the default W2SD options (every step but the last reflects, one reflection per step = its
     ``T_max = 1``). To first order it is CFG at ``2 scale - weak_scale`` (11 for the defaults).
     """
-    return guidance(model, cond, uncond, strong_scale=scale, weak_scale=weak_scale, shared=shared)
+    return pairs.guidance(model, cond, uncond, strong_scale=scale, weak_scale=weak_scale, shared=shared)
 
 
 def _setup(model, x, sigmas, extra_args):
@@ -160,7 +160,9 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """Restart sampling (Xu et al. 2023): Heun steps (Karras et al. 2022) on ``sigmas``; on landing at a restart
     level sigma_lo, ``k`` times: add noise ``sqrt(sigma_hi^2 - sigma_lo^2) z`` and re-integrate sigma_hi -> sigma_lo
     in ``steps`` Heun steps on a Karras sub-schedule (rho 7). Options: see :func:`restart_plan`; NFE:
-    :func:`restart_nfe`. The callback sees the main steps only.
+    :func:`restart_nfe`. The callback sees the main steps only. ``noise_sampler(sigma_hi, sigma_lo)`` is called
+    once per restart and must draw fresh noise each time (k-diffusion's default does; a Brownian tree would
+    repeat the same increment for repeated restarts).
     """
     K = _kdiff.sampling()
     model, extra_args, s_in = _setup(model, x, sigmas, extra_args)

@@ -111,7 +111,7 @@ class SharedCFG(CFGDenoiser):
         kx, ks, kc, ku, kshared = self._key
         return (kc is cond and ku is uncond and kshared.keys() == shared.keys()
                 and all(kshared[k] is v for k, v in shared.items())
-                and kx.shape == x.shape and ks.shape == sigma.shape and kx.dtype == x.dtype
+                and kx.shape == x.shape and ks.shape == sigma.shape and (kx.dtype, ks.dtype) == (x.dtype, sigma.dtype)
                 and kx.device == x.device and torch.equal(kx, x) and torch.equal(ks, sigma))
 
 
