@@ -140,3 +140,14 @@ def test_restart_options_are_checked():
         restart_plan(sigmas, [(0.5, 2., 1, 3)], sigma_lo=0.5, sigma_hi=2.)
     plan = restart_plan(sigmas, [(0.5, 2., 1, 3), (0.5, 4., 2, 2)])
     assert [len(v) for v in plan.values()] == [2]  # two restarts at the same level run in the given order
+
+
+def test_difference_guidance_on_a_prompt_pair_reuses_the_main_forward():
+    counted = CallCounter()
+    cond, weak_cond, uncond = {'c': torch.randn(3, 4)}, {'c': torch.randn(3, 4)}, {'c': torch.zeros(3, 4)}
+    r = pairs.condition(counted.wrap(inner, 'unet'), cond, weak_cond, uncond)
+    x, sigma = torch.randn(3, 4), torch.full([3], 2.)
+    d_c, d_u, d_w = (inner(x, sigma, **c) for c in (cond, uncond, weak_cond))
+    got = difference_guidance(r, 2.)(x, sigma, **r.extra_args)
+    torch.testing.assert_close(got, d_u + 5.5 * (d_c - d_u) + 2. * (d_c - d_w))
+    assert counted.total == 2  # main (batched cond/uncond) serves the CFG-1 strong leg; weak is one more call

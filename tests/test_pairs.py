@@ -229,3 +229,44 @@ def test_errors_name_the_argument():
         pairs.Roles(main=inner, weak=3)
     with pytest.raises(TypeError, match='Roles'):
         pairs.compose(inner)
+
+
+def test_weights_pair_with_guidance_difference_table6_and_shared_args():
+    cond, uncond, x = conds()
+    other = lambda x, sigma, c, t: inner(x, sigma, c) * t  # noqa: E731  a second "checkpoint"
+    r = pairs.weights(lambda x, sigma, c, t: inner(x, sigma, c) + t, other, cond, uncond, strong_scale=5.5,
+                      weak_scale=0., shared={'t': 0.5})
+    sigma = torch.full([3], 1.2)
+    (s, s_ea), (w, w_ea) = r.leg('strong'), r.leg('weak')
+    d_c, d_u = inner(x, sigma, **cond) + .5, inner(x, sigma, **uncond) + .5
+    torch.testing.assert_close(s(x, sigma, **s_ea), d_u + 5.5 * (d_c - d_u))
+    torch.testing.assert_close(w(x, sigma, **w_ea), other(x, sigma, **uncond, t=.5))
+    assert r.strong_is_main  # main at 5.5 is the strong leg
+
+
+def test_roles_take_host_style_extra_args_functions():
+    cond, uncond, x = conds()
+    cfg = CFGDenoiser(inner)
+    r = pairs.Roles(main=cfg, weak=cfg, extra_args={'cond': cond, 'uncond': uncond, 'cond_scale': 3.},
+                    weak_extra_args=lambda ea: {**ea, 'cond_scale': 0.})
+    swapped = {'cond': uncond, 'uncond': cond, 'cond_scale': 3.}  # a host swapping conds mid-run
+    weak, ea = r.leg('weak', swapped)
+    sigma = torch.full([3], 1.)
+    torch.testing.assert_close(weak(x, sigma, **ea), inner(x, sigma, **cond))
+    assert r.leg('strong', swapped) == (cfg, swapped) and swapped['cond_scale'] == 3.
+
+
+def test_shared_cfg_cache_misses_on_a_new_point_or_cond_and_hands_out_copies():
+    cond, uncond, x = conds()
+    counted = Rows(inner)
+    cfg = pairs.SharedCFG(counted)
+    sigma = torch.full([3], 1.)
+    out = cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=0.)
+    out += 100  # a caller editing its result in place must not corrupt the cache
+    torch.testing.assert_close(cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=2.),
+                               inner(x, sigma, **uncond) + 2 * (inner(x, sigma, **cond) - inner(x, sigma, **uncond)))
+    assert (counted.calls, counted.rows) == (2, 6)  # uncond, then only the missing cond branch (B = 3 rows each)
+    cfg(x, sigma, cond=dict(cond), uncond=uncond, cond_scale=2.)  # an equal but new cond object: recompute
+    cfg(x + 1, sigma, cond=cond, uncond=uncond, cond_scale=2.)
+    cfg(x, sigma * 2, cond=cond, uncond=uncond, cond_scale=2.)
+    assert counted.calls == 5
