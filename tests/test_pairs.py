@@ -233,9 +233,14 @@ def test_errors_name_the_argument():
 
 def test_weights_pair_with_guidance_difference_table6_and_shared_args():
     cond, uncond, x = conds()
-    other = lambda x, sigma, c, t: inner(x, sigma, c) * t  # noqa: E731  a second "checkpoint"
-    r = pairs.weights(lambda x, sigma, c, t: inner(x, sigma, c) + t, other, cond, uncond, strong_scale=5.5,
-                      weak_scale=0., shared={'t': 0.5})
+
+    def strong(x, sigma, c, t):
+        return inner(x, sigma, c) + t
+
+    def other(x, sigma, c, t):  # a second "checkpoint"
+        return inner(x, sigma, c) * t
+
+    r = pairs.weights(strong, other, cond, uncond, strong_scale=5.5, weak_scale=0., shared={'t': 0.5})
     sigma = torch.full([3], 1.2)
     (s, s_ea), (w, w_ea) = r.leg('strong'), r.leg('weak')
     d_c, d_u = inner(x, sigma, **cond) + .5, inner(x, sigma, **uncond) + .5
