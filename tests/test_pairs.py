@@ -1,0 +1,277 @@
+import sys
+import types
+
+import pytest
+import torch
+
+import w2sd_samplers
+from w2sd_samplers import pairs, toy
+from w2sd_samplers.cfg import CFGDenoiser
+from w2sd_samplers.nfe import CallCounter
+from w2sd_samplers.reflect import reflect
+from w2sd_samplers.sampling import sample_w2sd_euler
+
+K = pytest.importorskip('k_diffusion.sampling')
+
+
+def inner(x, sigma, c, ctrl=None):
+    # A conditional denoiser acting row by row; ``ctrl`` stands for an optional extra input (ControlNet residuals).
+    out = x / (1 + sigma[:, None] ** 2) + torch.tanh(x) * c
+    return out if ctrl is None else out + 0.3 * ctrl
+
+
+class Rows:
+    """Counts calls and rows (UNet passes) of a denoiser."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls, self.rows = denoiser, 0, 0
+
+    def __call__(self, x, sigma, **extra_args):
+        self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
+        return self.denoiser(x, sigma, **extra_args)
+
+
+def conds(b=3, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {'c': torch.randn(b, dim, generator=g)}, {'c': torch.zeros(b, dim)}, torch.randn(b, dim, generator=g)
+
+
+def snapshot(d):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
+def test_guidance_roles_are_cfg_at_the_two_scales():
+    cond, uncond, x = conds()
+    sigma = torch.full([3], 1.7)
+    r = pairs.guidance(inner, cond, uncond, strong_scale=5.5, weak_scale=-2.)
+    d_c, d_u = inner(x, sigma, **cond), inner(x, sigma, **uncond)
+    main, ea = r.leg('main')
+    torch.testing.assert_close(main(x, sigma, **ea), d_u + 5.5 * (d_c - d_u))
+    weak, ea = r.leg('weak')
+    torch.testing.assert_close(weak(x, sigma, **ea), d_u - 2. * (d_c - d_u))
+    assert r.strong_is_main and r.leg('strong')[0] is r.main
+
+
+def test_guidance_pair_samples_like_hand_built_roles():
+    cond, uncond, x = conds()
+    sigmas = K.get_sigmas_karras(6, 0.1, 10., device='cpu').double()
+    x = x.double() * 10
+    cond, uncond = {'c': cond['c'].double()}, {'c': uncond['c'].double()}
+    r = pairs.guidance(inner, cond, uncond)
+    got = sample_w2sd_euler(r.main, x, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd())
+    cfg = CFGDenoiser(inner)
+    ea = {'cond': cond, 'uncond': uncond, 'cond_scale': 5.5}
+    want = sample_w2sd_euler(cfg, x, sigmas, extra_args=ea, disable=True, weak=cfg,
+                             weak_extra_args={**ea, 'cond_scale': 0.})
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('form', ['paper', 'anchored'])
+def test_guidance_pair_shares_the_batched_forward_when_anchored(form):
+    cond, uncond, x = conds()
+    sigmas = K.get_sigmas_karras(8, 0.1, 10.)
+    counted = Rows(inner)
+    r = pairs.guidance(counted, cond, uncond)
+    got = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd(form=form))
+    plain = Rows(inner)
+    cfg = CFGDenoiser(plain)
+    ea = {'cond': cond, 'uncond': uncond, 'cond_scale': 5.5}
+    want = sample_w2sd_euler(cfg, x * 10, sigmas, extra_args=ea, disable=True, weak=cfg,
+                             weak_extra_args={**ea, 'cond_scale': 0.}, form=form)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    n, lam, b = len(sigmas) - 1, len(sigmas) - 2, x.shape[0]
+    # Without sharing: per reflected step strong (2B rows), weak (B rows), main (2B rows).
+    assert (plain.calls, plain.rows) == (n + 2 * lam, 2 * b * n + 3 * b * lam)
+    if form == 'anchored':  # strong and weak at the same (x, sigma): one batched forward serves both legs
+        assert (counted.calls, counted.rows) == (n + lam, 2 * b * (n + lam))
+    else:
+        assert (counted.calls, counted.rows) == (plain.calls, plain.rows)
+
+
+def test_anchored_reflection_is_identity_for_equal_roles_and_matches_its_formula():
+    gmm, weak = toy.four_modes([.3, .2, .2, .3]), toy.four_modes([.1, .4, .1, .4])
+    x = torch.randn(16, 2, dtype=torch.float64) * 3
+    sigma, sigma_next = torch.tensor(3., dtype=torch.float64), torch.tensor(2.2, dtype=torch.float64)
+    assert torch.equal(reflect(x, sigma, sigma_next, gmm, gmm, form='anchored'), x)
+    s = sigma * torch.ones(16, dtype=torch.float64)
+    want = x + (sigma - sigma_next) / sigma_next * (gmm(x, s) - weak(x, s))
+    torch.testing.assert_close(reflect(x, sigma, sigma_next, gmm, weak, form='anchored'), want, rtol=0, atol=1e-12)
+    # A guidance pair with equal scales is the same denoiser twice: the anchored reflection leaves x as it is.
+    cond, uncond, xc = conds()
+    r = pairs.guidance(inner, cond, uncond, strong_scale=3., weak_scale=3.)
+    kw = r.w2sd()
+    strong, weak_, ea_w = r.main, kw['weak'], kw['weak_extra_args']
+    assert torch.equal(reflect(xc, sigma.float(), sigma_next.float(), strong, weak_, r.extra_args, ea_w,
+                               form='anchored'), xc)
+
+
+def test_condition_pair_runs_reflection_legs_without_uncond_198_passes():
+    cond, uncond, x = conds(b=1)
+    weak_cond = {'c': -cond['c']}
+    counted = Rows(inner)
+    r = pairs.prompt(counted, cond, weak_cond, uncond)
+    sigma = torch.full([1], 2.)
+    weak, ea = r.leg('weak')
+    torch.testing.assert_close(weak(x, sigma, **ea), inner(x, sigma, **weak_cond))
+    strong, ea = r.leg('strong')
+    torch.testing.assert_close(strong(x, sigma, **ea), inner(x, sigma, **cond))
+    counted.rows = 0
+    sigmas = K.get_sigmas_karras(50, 0.03, 14.6)
+    sample_w2sd_euler(r.main, x * 14.6, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd())
+    assert counted.rows == 198  # the paper's 50-step setting: 2T + 2 lambda UNet passes (the official code: 296)
+
+
+def test_condition_without_uncond_is_plain_and_rejects_scales():
+    cond, _, x = conds()
+    r = pairs.condition(inner, cond, {'c': cond['c'] * 0})
+    assert r.main is inner and r.extra_args == cond and r.weak is inner
+    with pytest.raises(ValueError, match='uncond'):
+        pairs.condition(inner, cond, cond, main_scale=5.5)
+
+
+def test_weights_pair_and_main_override():
+    strong, weak, main = toy.four_modes([.25] * 4), toy.four_modes([.1, .4, .1, .4]), toy.four_modes([.4, .1, .4, .1])
+    r = pairs.weights(strong, weak)
+    assert (r.main, r.weak, r.strong_is_main, r.extra_args) == (strong, weak, True, {})
+    r = pairs.weights(strong, weak, main=main)
+    assert r.main is main and r.leg('strong')[0] is strong
+
+
+def test_lora_builder_with_stand_in_module(monkeypatch):
+    made = []
+
+    def scaled(denoiser, switchable, scale):
+        made.append(scale)
+        return lambda x, sigma, **ea: denoiser(x, sigma, **ea) + scale * switchable
+    fake = types.SimpleNamespace(scaled=scaled)
+    monkeypatch.setitem(sys.modules, 'w2sd_samplers.lora', fake)
+    monkeypatch.setattr(w2sd_samplers, 'lora', fake, raising=False)
+    cond, uncond, x = conds()
+    v = torch.randn(4)
+    r = pairs.lora(inner, v, cond, uncond)
+    assert sorted(made) == [-1.5, 0.8]  # main and strong share the 0.8 denoiser
+    sigma = torch.full([3], 1.3)
+    d_c, d_u = inner(x, sigma, **cond) + 0.8 * v, inner(x, sigma, **uncond) + 0.8 * v
+    torch.testing.assert_close(r.main(x, sigma, **r.extra_args), d_u + 5.5 * (d_c - d_u))
+    for role, lora_scale in (('strong', 0.8), ('weak', -1.5)):  # reflection legs at CFG 1: cond only
+        d, ea = r.leg(role)
+        torch.testing.assert_close(d(x, sigma, **ea), inner(x, sigma, **cond) + lora_scale * v)
+
+
+def test_moe_builder_with_stand_in_module(monkeypatch):
+    def routed(denoiser, routing, which):
+        sign = {'top': 1., 'bottom': -1.}[which]
+        return lambda x, sigma, **ea: denoiser(x, sigma, **ea) + sign * routing
+    fake = types.SimpleNamespace(routed=routed)
+    monkeypatch.setitem(sys.modules, 'w2sd_samplers.moe', fake)
+    monkeypatch.setattr(w2sd_samplers, 'moe', fake, raising=False)
+    cond, uncond, x = conds()
+    r = pairs.moe(inner, torch.ones(4), cond, uncond)
+    sigma = torch.full([3], 1.3)
+    d_c, d_u = inner(x, sigma, **cond) - 1, inner(x, sigma, **uncond) - 1
+    weak, ea = r.leg('weak')
+    torch.testing.assert_close(weak(x, sigma, **ea), d_u + 1.5 * (d_c - d_u))  # DiT-MoE: CFG 1.5 everywhere
+    assert r.strong_is_main
+
+
+def test_pipeline_pair_adds_the_extra_inputs_to_strong_and_main_only():
+    cond, uncond, x = conds()
+    ctrl = torch.randn(3, 4)
+    r = pairs.pipeline(inner, {'ctrl': ctrl}, cond, uncond)
+    sigma = torch.full([3], 0.9)
+    d, ea = r.leg('strong')
+    d_c, d_u = inner(x, sigma, **cond, ctrl=ctrl), inner(x, sigma, **uncond, ctrl=ctrl)
+    torch.testing.assert_close(d(x, sigma, **ea), d_u + 0.5 * (d_c - d_u))
+    torch.testing.assert_close(r.main(x, sigma, **r.extra_args), d_u + 5.5 * (d_c - d_u))
+    d, ea = r.leg('weak')
+    d_c, d_u = inner(x, sigma, **cond), inner(x, sigma, **uncond)
+    torch.testing.assert_close(d(x, sigma, **ea), d_u + 0.5 * (d_c - d_u))
+
+
+def test_compose_sums_the_differences_at_2k_minus_1_calls():
+    counter = CallCounter()
+    gmm = [counter.wrap(toy.four_modes(w), str(k)) for k, w in
+           enumerate(([.25] * 4, [.1, .4, .1, .4], [.3, .3, .2, .2], [.4, .1, .1, .4], [.2, .2, .3, .3]))]
+    r = pairs.compose(pairs.weights(gmm[0], gmm[1]), pairs.weights(gmm[2], gmm[3]), pairs.weights(gmm[4], gmm[1]))
+    x, sigma = torch.randn(5, 2, dtype=torch.float64) * 2, torch.full([5], 1.1, dtype=torch.float64)
+    d = [g(x, sigma) for g in gmm]
+    counter.counts.clear()
+    (strong, ea_s), (weak, ea_w) = r.leg('strong'), r.leg('weak')
+    diff = strong(x, sigma, **ea_s) - weak(x, sigma, **ea_w)
+    torch.testing.assert_close(diff, d[0] - d[1] + d[2] - d[3] + d[4] - d[1])
+    assert counter.total == 1 + (2 * 3 - 1)  # the strong leg, then the weak leg over K = 3 pairs
+    assert r.main is gmm[0] and r.strong_is_main
+
+
+def test_sampling_never_mutates_the_callers_args():
+    cond, uncond, x = conds()
+    before = snapshot(cond), snapshot(uncond), x.clone()
+    r = pairs.guidance(inner, cond, uncond)
+    ea_before = dict(r.extra_args)
+    sample_w2sd_euler(r.main, x, K.get_sigmas_karras(4, 0.1, 10.), extra_args=r.extra_args, disable=True,
+                      **r.w2sd(form='anchored'))
+    for old, new in zip(before[:2], (cond, uncond)):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    assert torch.equal(before[2], x) and r.extra_args.keys() == ea_before.keys()
+
+
+def test_errors_name_the_argument():
+    cond, uncond, _ = conds()
+    with pytest.raises(TypeError, match='model'):
+        pairs.guidance(None, cond, uncond)
+    with pytest.raises(TypeError, match='cond'):
+        pairs.guidance(inner, [1], uncond)
+    with pytest.raises(ValueError, match='strong_scale'):
+        pairs.guidance(inner, cond, uncond, strong_scale=float('nan'))
+    with pytest.raises(ValueError, match='roles'):
+        pairs.guidance(inner, cond, uncond).w2sd(weak=inner)
+    with pytest.raises(TypeError, match='Roles.weak'):
+        pairs.Roles(main=inner, weak=3)
+    with pytest.raises(TypeError, match='Roles'):
+        pairs.compose(inner)
+
+
+def test_weights_pair_with_guidance_difference_table6_and_shared_args():
+    cond, uncond, x = conds()
+
+    def strong(x, sigma, c, t):
+        return inner(x, sigma, c) + t
+
+    def other(x, sigma, c, t):  # a second "checkpoint"
+        return inner(x, sigma, c) * t
+
+    r = pairs.weights(strong, other, cond, uncond, strong_scale=5.5, weak_scale=0., shared={'t': 0.5})
+    sigma = torch.full([3], 1.2)
+    (s, s_ea), (w, w_ea) = r.leg('strong'), r.leg('weak')
+    d_c, d_u = inner(x, sigma, **cond) + .5, inner(x, sigma, **uncond) + .5
+    torch.testing.assert_close(s(x, sigma, **s_ea), d_u + 5.5 * (d_c - d_u))
+    torch.testing.assert_close(w(x, sigma, **w_ea), other(x, sigma, **uncond, t=.5))
+    assert r.strong_is_main  # main at 5.5 is the strong leg
+
+
+def test_roles_take_host_style_extra_args_functions():
+    cond, uncond, x = conds()
+    cfg = CFGDenoiser(inner)
+    r = pairs.Roles(main=cfg, weak=cfg, extra_args={'cond': cond, 'uncond': uncond, 'cond_scale': 3.},
+                    weak_extra_args=lambda ea: {**ea, 'cond_scale': 0.})
+    swapped = {'cond': uncond, 'uncond': cond, 'cond_scale': 3.}  # a host swapping conds mid-run
+    weak, ea = r.leg('weak', swapped)
+    sigma = torch.full([3], 1.)
+    torch.testing.assert_close(weak(x, sigma, **ea), inner(x, sigma, **cond))
+    assert r.leg('strong', swapped) == (cfg, swapped) and swapped['cond_scale'] == 3.
+
+
+def test_shared_cfg_cache_misses_on_a_new_point_or_cond_and_hands_out_copies():
+    cond, uncond, x = conds()
+    counted = Rows(inner)
+    cfg = pairs.SharedCFG(counted)
+    sigma = torch.full([3], 1.)
+    out = cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=0.)
+    out += 100  # a caller editing its result in place must not corrupt the cache
+    torch.testing.assert_close(cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=2.),
+                               inner(x, sigma, **uncond) + 2 * (inner(x, sigma, **cond) - inner(x, sigma, **uncond)))
+    assert (counted.calls, counted.rows) == (2, 6)  # uncond, then only the missing cond branch (B = 3 rows each)
+    cfg(x, sigma, cond=dict(cond), uncond=uncond, cond_scale=2.)  # an equal but new cond object: recompute
+    cfg(x + 1, sigma, cond=cond, uncond=uncond, cond_scale=2.)
+    cfg(x, sigma * 2, cond=cond, uncond=uncond, cond_scale=2.)
+    assert counted.calls == 5
