@@ -62,7 +62,8 @@ class HostCFGDenoiser(torch.nn.Module):
                            'uncond': uncond,
                            'unet': unet, 'lora': [n.unet_multiplier for n in self.networks]})
         scale = 1 + sum(n.unet_multiplier for n in self.networks)
-        d_c, d_u = (exact(x, sigma, m) * scale + unet for m in (mean_c, uncond))
+        # Forge skips the uncond when it is None (CFG 1): only cond_scale 1 gives the CFG result then.
+        d_c, d_u = (exact(x, sigma, m) * scale + unet for m in (mean_c, mean_c if uncond is None else uncond))
         self.step += 1
         return d_u + cond_scale * (d_c - d_u)
 
@@ -80,7 +81,8 @@ def host_sample(fn, model, x, sigmas, extra_args, options=None, p=None, w2sd=Non
         kwargs['sigmas'] = sigmas.cpu()
     options = options or {}
     if options.get('brownian_noise'):
-        kwargs['noise_sampler'] = K.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=list(range(x.shape[0])))
+        seeds = list(range(x.shape[0]))  # the host seeds one tree per image
+        kwargs['noise_sampler'] = K.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
     if options.get('solver_type') == 'heun':
         kwargs['solver_type'] = 'heun'
     steps = []
@@ -232,6 +234,20 @@ def test_forge_hires_cfg_is_swapped_for_reflection_calls_and_restored():
     p.is_hr_pass = False
     _, _, model, _ = run(forge=True, p=p, weak_cfg=1.5)
     assert [c['cond_scale'] for c in model.calls[:3]] == [5.5, 1.5, 5.5]
+
+
+def test_forge_without_uncond_only_allows_cfg_one():
+    p = make_p()
+    model = HostCFGDenoiser(p, forge=True)
+    extra_args = {**conds(), 'uncond': None, 'cond_scale': 1.0}  # Forge skips the negative prompt at CFG 1
+    w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True, 'weak_cfg': 0.0}))
+    with pytest.raises(ValueError, match='needs the negative prompt'):
+        host_sample(sampling.sample_w2sd_euler, model, X, SIGMAS, extra_args, w2sd=w2sd)
+    assert extra_args['uncond'] is None and model.step == 0
+    w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a cat'}),
+                                weak_conds=([(10 ** 6, torch.tensor(0.0))], None))
+    out, _ = host_sample(sampling.sample_w2sd_euler, model, X, SIGMAS, extra_args, w2sd=w2sd)  # both legs at CFG 1
+    assert torch.isfinite(out).all()
 
 
 def test_forge_checkpoint_pair_swaps_the_unet_for_the_weak_call():

@@ -7,7 +7,7 @@ The API may instead send a single dict (``"args": [{"enabled": true, "weak": "pr
 import dataclasses
 import math
 
-from w2sd_samplers.reflect import WEAK_SIGMAS, check_options
+from w2sd_samplers.reflect import check_options
 
 # cfg: the same model at a lower CFG (paper Table 4 pairs CFG 5.5 with CFG 0). prompt: another prompt.
 # lora: the loaded LoRAs at another multiplier (A1111 only). checkpoint: a second checkpoint (Forge only).

@@ -25,10 +25,14 @@ def with_args(model, cond_scale, **override):
     """``model`` called with ``cond_scale`` and the ``override`` entries replaced in a copy of its extra args.
 
     Forge's denoiser replaces ``cond_scale`` by ``p.hr_cfg`` during a hires pass, so that value is swapped too
-    (and restored); A1111 has no ``hr_cfg``.
+    (and restored); A1111 has no ``hr_cfg``. Forge passes ``uncond=None`` when the user's CFG is 1, which only a
+    call at CFG 1 can do without.
     """
     def call(x, sigma, **extra_args):
         args = {**extra_args, **override, 'cond_scale': cond_scale}
+        if args.get('uncond') is None and cond_scale != 1:
+            raise ValueError(f'W2SD: a reflection call at CFG {cond_scale} needs the negative prompt, which Forge '
+                             'skips when the CFG scale is 1; raise the CFG scale or set the W2SD CFG to 1')
         p = model.p
         if not (getattr(p, 'is_hr_pass', False) and hasattr(p, 'hr_cfg')):
             return model(x, sigma, **args)
