@@ -389,8 +389,12 @@ def test_parse_positional_and_api_dict():
     assert opts.parse() == opts.DEFAULTS
     o = opts.parse(True, 'prompt', 0.0, 'a red cube', '', -1.5, '', '', 1.0, 10.0, 0.5, 'next')
     assert o.enabled and o.weak == 'prompt' and o.lam == 10 and isinstance(o.lam, int) and o.weak_sigma == 'next'
-    assert opts.parse({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a red cube', 'lam': 10,
-                       'strength': 0.5, 'weak_sigma': 'next'}) == o
+    api = {'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a red cube', 'lam': 10, 'strength': 0.5,
+           'weak_sigma': 'next'}
+    assert opts.parse(api) == o
+    # The API puts the dict in the first slot and the UI's defaults in the others.
+    defaults = [getattr(opts.DEFAULTS, n) for n in opts.ARGS]
+    assert opts.parse(api, *defaults[1:]) == o
 
 
 @pytest.mark.parametrize('bad, match', [

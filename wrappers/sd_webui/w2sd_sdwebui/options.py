@@ -2,7 +2,8 @@
 
 The script's ``ui()`` returns one component per name in ``ARGS``, in that order; the webui passes their values
 positionally to ``process()`` and the API fills them from ``alwayson_scripts: {"w2sd": {"args": [...]}}``.
-The API may instead send a single dict (``"args": [{"enabled": true, "weak": "prompt", ...}]``).
+The API may instead send one dict (``"args": [{"enabled": true, "weak": "prompt", ...}]``); names it leaves out
+take their defaults.
 """
 import dataclasses
 import math
@@ -45,8 +46,9 @@ def _number(name, value):
 
 
 def parse(*args):
-    """``Options`` from the script's positional values, or from one dict of ``ARGS`` names (API)."""
-    if len(args) == 1 and isinstance(args[0], dict):
+    """``Options`` from the script's positional values, or from a dict of ``ARGS`` names in the first slot (API;
+    the host fills the other slots with the UI's defaults, which the dict replaces)."""
+    if args and isinstance(args[0], dict):
         unknown = set(args[0]) - set(ARGS)
         if unknown:
             raise ValueError(f'W2SD: unknown settings {sorted(unknown)}; known: {list(ARGS)}')
