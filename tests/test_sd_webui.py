@@ -217,6 +217,14 @@ def test_lora_multiplier_toggled_for_the_weak_call_only():
                                                      else [(0.8, 1.0)])]
 
 
+def test_lora_names_match_the_prompts_alias():
+    alias = Net('xlMoreArtFullV1', 0.8)
+    alias.mentioned_name = 'moreart'
+    nets = [alias, Net('other', 1.0)]
+    _, _, model, _ = run('lora', networks=nets, lora_names='moreart', weak_lora=-1.5)
+    assert tuple(model.calls[1]['lora']) == (-1.5, 1.0) and [n.unet_multiplier for n in nets] == [0.8, 1.0]
+
+
 def test_lora_pair_without_a_matching_lora_is_an_error():
     with pytest.raises(ValueError, match='<lora:name:weight>'):
         run('lora', networks=[Net('style', 0.8)], lora_names='missing')

@@ -44,6 +44,11 @@ def with_args(model, cond_scale, **override):
     return call
 
 
+def _named(network, names):
+    # A1111 keeps the file's name and, as mentioned_name, the name or alias the prompt used.
+    return not names or network.name in names or getattr(network, 'mentioned_name', None) in names
+
+
 def with_lora_multiplier(networks, names, multiplier, denoiser):
     """``denoiser`` run with the UNet multiplier of the loaded LoRAs in ``networks`` (A1111's
     ``networks.loaded_networks``; only those named in ``names`` when it is not empty) set to ``multiplier``.
@@ -52,7 +57,7 @@ def with_lora_multiplier(networks, names, multiplier, denoiser):
     so setting them back restores the strong weights exactly.
     """
     def call(x, sigma, **extra_args):
-        chosen = [n for n in networks if not names or n.name in names]
+        chosen = [n for n in networks if _named(n, names)]
         saved = [n.unet_multiplier for n in chosen]
         try:
             for n in chosen:
@@ -102,7 +107,7 @@ def sampler_kwargs(model, options, *, weak_conds=None, networks=None, weak_unet=
     elif kind == 'lora':
         names = options.lora_name_list
         loaded = [n.name for n in networks or ()]
-        if not any(not names or name in names for name in loaded):
+        if not any(_named(n, names) for n in networks or ()):
             raise ValueError(f"W2SD: weak='lora' needs a LoRA in the prompt (<lora:name:weight>)"
                              f"{' named ' + ', '.join(names) if names else ''}; loaded: {loaded or 'none'}")
         strong = with_args(model, rcfg)
