@@ -1,0 +1,154 @@
+"""W2SD for AUTOMATIC1111 / Forge: the "W2SD ..." samplers and the always-visible W2SD settings.
+
+Thin glue over the host: the logic lives in ``w2sd_sdwebui`` (tested with stand-ins) and the sampling math in
+``w2sd_samplers``. Read against A1111 v1.10 / dev and Forge ``dfdcbab``.
+"""
+import os
+import sys
+
+import gradio as gr
+
+from modules import prompt_parser, scripts, sd_models, sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _root not in sys.path:
+    sys.path.insert(0, _root)
+
+from w2sd_samplers.reflect import WEAK_SIGMAS  # noqa: E402
+from w2sd_samplers.sampling import SAMPLERS  # noqa: E402
+from w2sd_sdwebui import options as w2sd_options, passes, registry, roles  # noqa: E402
+
+
+class W2SDSampler(sd_samplers_kdiffusion.KDiffusionSampler):
+    """The host's k-diffusion sampler running ``sample_w2sd_<name>`` with the W2SD roles bound per call."""
+
+    def __init__(self, name, sd_model):
+        super().__init__(SAMPLERS[name], sd_model)
+        # The host looks up s_churn & co. by function name; ours take those of their k-diffusion twin.
+        self.extra_params = sd_samplers_kdiffusion.sampler_extra_params.get('sample_' + name, [])
+
+    def initialize(self, p):
+        kwargs = super().initialize(p)  # installs the seeded TorchHijack our samplers draw noise through
+        options = getattr(p, 'w2sd_options', None)
+        if isinstance(options, Exception):
+            raise options
+        networks = getattr(sys.modules.get('networks'), 'loaded_networks', None)  # A1111's Lora extension
+        kwargs.update(roles.sampler_kwargs(self.model_wrap_cfg, options, networks=networks,
+                                           weak_conds=getattr(p, 'w2sd_weak_conds', None),
+                                           weak_unet=getattr(p, 'w2sd_weak_unet', None)))
+        return kwargs
+
+
+def _register():
+    entries = [sd_samplers_common.SamplerData(label, lambda model, name=name: W2SDSampler(name, model), aliases,
+                                              options)
+               for label, name, aliases, options in registry.sampler_table(sd_samplers_kdiffusion.samplers_k_diffusion)]
+    registry.register(sd_samplers, entries)
+
+
+_register()
+
+_weak_models = {}  # Forge: the loaded weak checkpoint, by file name (one at a time)
+
+
+def _forge_weak_unet(title):
+    info = sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        raise ValueError(f'W2SD: weak checkpoint {title!r} not found')
+    if not info.filename.lower().endswith('.safetensors'):
+        raise ValueError(f'W2SD: the weak checkpoint must be a .safetensors file, got {info.filename}')
+    if info.filename not in _weak_models:
+        from backend.loader import forge_loader
+        _weak_models.clear()
+        _weak_models[info.filename] = forge_loader(info.filename)
+    return _weak_models[info.filename].forge_objects.unet
+
+
+def _weak_conds(p, options):
+    config = sd_samplers.find_sampler_config(passes.sampler_name(p))
+    size, steps, hires_steps, networks = passes.cond_request(p, config.total_steps)
+    cache = p.__dict__.setdefault('w2sd_cond_cache', {'c': [None, None], 'uc': [None, None]})
+    n = len(p.prompts)
+    c = p.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning,
+                                 prompt_parser.SdConditioning([options.weak_prompt] * n, **size),
+                                 steps, [cache['c']], networks, hires_steps)
+    if not options.weak_negative_prompt:
+        return c, None
+    uc = p.get_conds_with_caching(prompt_parser.get_learned_conditioning,
+                                  prompt_parser.SdConditioning([options.weak_negative_prompt] * n,
+                                                               is_negative_prompt=True, **size),
+                                  steps, [cache['uc']], networks, hires_steps)
+    return c, uc
+
+
+class W2SDScript(scripts.Script):
+    def title(self):
+        return 'W2SD'
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        d = w2sd_options.DEFAULTS
+        with gr.Accordion('W2SD: Weak-to-Strong Diffusion (use with a "W2SD ..." sampler)', open=False):
+            enabled = gr.Checkbox(value=d.enabled, label='Enable')
+            weak = gr.Radio(list(w2sd_options.KINDS), value=d.weak, label='Weak model')
+            weak_cfg = gr.Slider(-5.0, 30.0, value=d.weak_cfg, step=0.5, label='Weak CFG (weak model = cfg)')
+            weak_prompt = gr.Textbox(value=d.weak_prompt, lines=2, label='Weak prompt (weak model = prompt)')
+            weak_negative_prompt = gr.Textbox(value=d.weak_negative_prompt, lines=1,
+                                              label='Weak negative prompt (empty: the main one)')
+            weak_lora = gr.Slider(-4.0, 4.0, value=d.weak_lora, step=0.05,
+                                  label='Weak LoRA multiplier (weak model = lora; A1111)')
+            lora_names = gr.Textbox(value=d.lora_names, label='LoRA names, comma-separated (empty: all loaded)')
+            weak_checkpoint = gr.Dropdown([''] + sorted(sd_models.checkpoint_tiles()), value=d.weak_checkpoint,
+                                          label='Weak checkpoint (weak model = checkpoint; Forge, .safetensors)')
+            reflection_cfg = gr.Slider(0.0, 30.0, value=d.reflection_cfg, step=0.5,
+                                       label='Reflection CFG (both legs; prompt, lora, checkpoint)')
+            lam = gr.Slider(-1, 150, value=d.lam, step=1, label='Reflected steps lambda (-1: all but the last)')
+            strength = gr.Slider(0.0, 2.0, value=d.strength, step=0.05, label='Reflection strength')
+            weak_sigma = gr.Radio(list(WEAK_SIGMAS), value=d.weak_sigma, label='Weak sigma')
+        controls = [enabled, weak, weak_cfg, weak_prompt, weak_negative_prompt, weak_lora, lora_names,
+                    weak_checkpoint, reflection_cfg, lam, strength, weak_sigma]
+        self.infotext_fields = [(c, lambda params, name=name: w2sd_options.from_infotext(params)[name])
+                                for name, c in zip(w2sd_options.ARGS, controls)]
+        self.paste_field_names = [w2sd_options.KEY, *w2sd_options.KEYS.values()]
+        return controls
+
+    def process(self, p, *args):
+        try:
+            options = w2sd_options.parse(*args)
+            forge = hasattr(p.sd_model, 'forge_objects')
+            if options.enabled and options.weak == 'lora' and forge:
+                raise ValueError("W2SD: weak='lora' needs A1111 (Forge merges LoRA weights at load time); "
+                                 "on Forge use weak='checkpoint' or 'cfg'")
+            if options.enabled and options.weak == 'checkpoint' and not forge:
+                raise ValueError("W2SD: weak='checkpoint' needs Forge")
+            if options.enabled and options.weak == 'prompt' and getattr(p, 'refiner_checkpoint_info', None):
+                raise ValueError("W2SD: weak='prompt' cannot follow a refiner switch (its conds belong to the base "
+                                 "model)")
+        except ValueError as e:
+            p.w2sd_options = e  # the webui only logs script errors; a W2SD sampler raises this one
+            raise
+        p.w2sd_options = options
+        if not options.enabled:
+            return
+        p.extra_generation_params.update(w2sd_options.infotext(options))
+        if not any(registry.is_w2sd(n) for n in (p.sampler_name, getattr(p, 'hr_sampler_name', None))):
+            print('W2SD is enabled but no "W2SD ..." sampler is selected: nothing to reflect.')
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        options = getattr(p, 'w2sd_options', None)
+        if not isinstance(options, w2sd_options.Options) or not options.enabled:
+            return
+        if not registry.is_w2sd(passes.sampler_name(p)):
+            return
+        if options.weak == 'prompt':
+            p.w2sd_weak_conds = _weak_conds(p, options)
+        elif options.weak == 'checkpoint':
+            # Forge resets forge_objects before each pass; a clone keeps the extra patcher to this pass, and
+            # sampling_prepare then loads both UNets.
+            weak_unet = _forge_weak_unet(options.weak_checkpoint)
+            unet = p.sd_model.forge_objects.unet.clone()
+            unet.add_extra_model_patcher_during_sampling(weak_unet)
+            p.sd_model.forge_objects.unet = unet
+            p.w2sd_weak_unet = weak_unet

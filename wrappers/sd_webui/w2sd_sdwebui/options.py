@@ -1,0 +1,131 @@
+"""The W2SD script's settings: parsing and validation of UI/API values, infotext and paste-back.
+
+The script's ``ui()`` returns one component per name in ``ARGS``, in that order; the webui passes their values
+positionally to ``process()`` and the API fills them from ``alwayson_scripts: {"w2sd": {"args": [...]}}``.
+The API may instead send one dict (``"args": [{"enabled": true, "weak": "prompt", ...}]``); names it leaves out
+take their defaults.
+"""
+import dataclasses
+import math
+
+from w2sd_samplers.reflect import check_options
+
+# cfg: the same model at a lower CFG (paper Table 4 pairs CFG 5.5 with CFG 0). prompt: another prompt.
+# lora: the loaded LoRAs at another multiplier (A1111 only). checkpoint: a second checkpoint (Forge only).
+KINDS = ('cfg', 'prompt', 'lora', 'checkpoint')
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    enabled: bool = False
+    weak: str = 'cfg'
+    weak_cfg: float = 0.0
+    weak_prompt: str = ''
+    weak_negative_prompt: str = ''      # empty: the main negative prompt
+    weak_lora: float = -1.5             # the paper's weak LoRA scale
+    lora_names: str = ''                # comma-separated; empty: every loaded LoRA
+    weak_checkpoint: str = ''
+    reflection_cfg: float = 1.0         # both reflection legs of prompt/lora/checkpoint pairs (paper App. B.1)
+    lam: int = -1                       # reflected steps; -1: all but the last (the paper's lambda = T - 1)
+    strength: float = 1.0
+    weak_sigma: str = 'current'
+
+    @property
+    def lora_name_list(self):
+        return [n.strip() for n in self.lora_names.split(',') if n.strip()]
+
+
+ARGS = tuple(f.name for f in dataclasses.fields(Options))
+DEFAULTS = Options()
+
+
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f'W2SD: {name} must be a finite number, got {value!r}')
+    return float(value)
+
+
+def parse(*args):
+    """``Options`` from the script's positional values, or from a dict of ``ARGS`` names in the first slot (API;
+    the host fills the other slots with the UI's defaults, which the dict replaces)."""
+    if args and isinstance(args[0], dict):
+        unknown = set(args[0]) - set(ARGS)
+        if unknown:
+            raise ValueError(f'W2SD: unknown settings {sorted(unknown)}; known: {list(ARGS)}')
+        values = {**dataclasses.asdict(DEFAULTS), **args[0]}
+    else:
+        if len(args) > len(ARGS):
+            raise ValueError(f'W2SD: expected at most {len(ARGS)} script args ({", ".join(ARGS)}), got {len(args)}')
+        values = {**dataclasses.asdict(DEFAULTS), **dict(zip(ARGS, args))}
+    v = values
+    if v['weak'] not in KINDS:
+        raise ValueError(f'W2SD: weak must be one of {KINDS}, got {v["weak"]!r}')
+    for name in ('weak_cfg', 'weak_lora', 'reflection_cfg', 'strength'):
+        v[name] = _number(name, v[name])
+    for name in ('weak_prompt', 'weak_negative_prompt', 'lora_names', 'weak_checkpoint'):
+        if not isinstance(v[name], str):
+            raise ValueError(f'W2SD: {name} must be a string, got {type(v[name]).__name__}')
+    lam = v['lam']
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != int(lam) or lam < -1:
+        raise ValueError(f'W2SD: lam (reflected steps) must be an integer >= 0, or -1 for all but the last step; '
+                         f'got {lam!r}')
+    v['lam'] = int(lam)
+    check_options(strength=v['strength'], weak_sigma=v['weak_sigma'], form='paper', reflections=1)
+    options = Options(**{**v, 'enabled': bool(v['enabled'])})
+    if options.enabled and options.weak == 'prompt' and not options.weak_prompt.strip():
+        raise ValueError("W2SD: weak='prompt' needs a weak prompt")
+    if options.enabled and options.weak == 'checkpoint' and not options.weak_checkpoint:
+        raise ValueError("W2SD: weak='checkpoint' needs a weak checkpoint")
+    return options
+
+
+# Infotext keys, written only for an enabled run and only where they apply to its kind of weak model.
+KEY = 'W2SD'
+KEYS = {
+    'weak_cfg': 'W2SD weak CFG',
+    'weak_prompt': 'W2SD weak prompt',
+    'weak_negative_prompt': 'W2SD weak negative prompt',
+    'weak_lora': 'W2SD weak LoRA',
+    'lora_names': 'W2SD LoRA names',
+    'weak_checkpoint': 'W2SD weak checkpoint',
+    'reflection_cfg': 'W2SD reflection CFG',
+    'lam': 'W2SD lambda',
+    'strength': 'W2SD strength',
+    'weak_sigma': 'W2SD weak sigma',
+}
+_BY_KIND = {
+    'cfg': ('weak_cfg',),
+    'prompt': ('weak_prompt', 'weak_negative_prompt', 'reflection_cfg'),
+    'lora': ('weak_lora', 'lora_names', 'reflection_cfg'),
+    'checkpoint': ('weak_checkpoint', 'reflection_cfg'),
+}
+
+
+def infotext(options):
+    """``p.extra_generation_params`` entries for ``options`` (the host quotes values that need it)."""
+    if not options.enabled:
+        return {}
+    params = {KEY: options.weak}
+    for name in _BY_KIND[options.weak] + ('lam', 'strength', 'weak_sigma'):
+        value = getattr(options, name)
+        if value != '':
+            params[KEYS[name]] = value
+    return params
+
+
+def from_infotext(params):
+    """Field values (a dict over ``ARGS``) from a parsed infotext dict; absent keys give the defaults.
+
+    The values come back as the types of the fields, so pasting fills the UI and ``parse(dict)`` accepts them.
+    """
+    if KEY not in params:
+        return dataclasses.asdict(DEFAULTS)
+    values = {'enabled': True, 'weak': params[KEY]}
+    for name, key in KEYS.items():
+        default = getattr(DEFAULTS, name)
+        raw = params.get(key, default)
+        try:
+            values[name] = type(default)(float(raw)) if isinstance(default, (int, float)) else str(raw)
+        except ValueError:
+            raise ValueError(f'W2SD: infotext {key}: {raw!r} is not a number') from None
+    return {name: values.get(name, getattr(DEFAULTS, name)) for name in ARGS}

@@ -1,0 +1,27 @@
+"""What the current sampling pass (first pass or hires pass) of a webui processing object ``p`` uses."""
+
+
+def sampler_name(p):
+    """The sampler of the pass about to run; the hires pass may name its own (``p.hr_sampler_name``)."""
+    hr_name = getattr(p, 'hr_sampler_name', None)
+    if getattr(p, 'is_hr_pass', False) and hr_name and hr_name != 'Use same sampler':
+        return hr_name
+    return p.sampler_name
+
+
+def cond_request(p, total_steps):
+    """How the host computes this pass's conds, for computing the weak prompt's the same way.
+
+    ``total_steps(steps)`` is the pass sampler's ``SamplerData.total_steps``. Returns ``(size, steps,
+    hires_steps, extra_network_data)``: the ``SdConditioning`` keywords and the arguments of
+    ``p.get_conds_with_caching`` as the host's ``setup_conds`` / ``calculate_hr_conds`` pass them.
+    """
+    if getattr(p, 'is_hr_pass', False):
+        size = {'width': p.hr_upscale_to_x, 'height': p.hr_upscale_to_y}
+        if hasattr(p, 'hr_distilled_cfg'):  # Forge
+            size['distilled_cfg_scale'] = p.hr_distilled_cfg
+        return size, p.firstpass_steps, total_steps(p.hr_second_pass_steps or p.steps), p.hr_extra_network_data
+    size = {'width': p.width, 'height': p.height}
+    if hasattr(p, 'distilled_cfg_scale'):  # Forge
+        size['distilled_cfg_scale'] = p.distilled_cfg_scale
+    return size, total_steps(p.steps), None, p.extra_network_data
