@@ -203,6 +203,24 @@ def test_compose_sums_the_differences_at_2k_minus_1_calls():
     assert r.main is gmm[0] and r.strong_is_main
 
 
+def test_compose_successive_reflects_once_per_pair_in_order():
+    gmm = [toy.four_modes(w) for w in ([.25] * 4, [.1, .4, .1, .4], [.3, .3, .2, .2], [.4, .1, .1, .4])]
+    a, b = pairs.weights(gmm[0], gmm[1]), pairs.weights(gmm[2], gmm[3])
+    r = pairs.compose(a, b, successive=True)
+    sigmas = K.get_sigmas_karras(5, 0.1, 10.).double()
+    x0 = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    x = x0
+    for i in range(len(sigmas) - 1):
+        s, sn = sigmas[i], sigmas[i + 1]
+        if sn > 0 and i < len(sigmas) - 2:
+            x = reflect(reflect(x, s, sn, gmm[0], gmm[1]), s, sn, gmm[2], gmm[3])
+        x = x + (sn - s) * (x - gmm[0](x, s * torch.ones(len(x), dtype=torch.float64))) / s
+    ours = sample_w2sd_euler(r.main, x0, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd())
+    torch.testing.assert_close(ours, x)
+    with pytest.raises(TypeError, match='then must be'):
+        sample_w2sd_euler(gmm[0], x0, sigmas, disable=True, weak=gmm[1], then=[(gmm[2], gmm[3])])
+
+
 def test_sampling_never_mutates_the_callers_args():
     cond, uncond, x = conds()
     before = snapshot(cond), snapshot(uncond), x.clone()

@@ -261,8 +261,13 @@ def pipeline(model, extra, cond=None, uncond=None, *, uncond_extra=None, main_sc
                   (model, cond, uncond, weak_scale), _dict('shared', shared, {}))
 
 
-def compose(*roles):
-    """One pair whose difference is the sum of the given pairs' differences, in one reflection per step.
+def compose(*roles, successive=False):
+    """Several pairs at once: merged into one pair (default) or as successive reflections.
+
+    ``successive=True``: on each reflected step, one reflection per pair in the given order (2 NFE per pair),
+    then the first pair's main step; each pair's legs keep their own extra args.
+
+    Merged: one pair whose difference is the sum of the given pairs' differences, in one reflection per step.
 
     Strong leg: the first pair's strong leg. Weak leg: ``D_w1 - sum_{k>1} (D_sk - D_wk)``, so
     ``D_strong - D_weak = sum_k (D_sk - D_wk)`` where both legs meet. Main step: the first pair's. A weak call costs
@@ -273,6 +278,10 @@ def compose(*roles):
     if not roles or not all(isinstance(r, Roles) for r in roles):
         raise TypeError('compose needs one or more Roles (from the pair builders)')
     legs = [(r.leg('strong'), r.leg('weak')) for r in roles]
+    first = roles[0]
+    if successive:
+        then = tuple((s, w, s_ea, w_ea) for (s, s_ea), (w, w_ea) in legs[1:])
+        return dataclasses.replace(first, options={**first.options, 'then': then})
 
     def weak(x, sigma, **_):
         # D_w1 - sum_{k>1} (D_sk - D_wk): the first pair's difference plus the others'.
@@ -282,6 +291,5 @@ def compose(*roles):
             out = out - (s(x, sigma, **s_ea) - w(x, sigma, **w_ea))
         return out
 
-    first = roles[0]
     return Roles(main=first.main, extra_args=first.extra_args, strong=first.strong,
                  strong_extra_args=first.strong_extra_args, weak=weak, weak_extra_args={}, options=first.options)

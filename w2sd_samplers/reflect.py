@@ -140,11 +140,14 @@ class Reflection:
       weak_sigma: 'current' (paper Eq. 5) or 'next' (textbook inversion).
       form: 'paper' or 'anchored' (both legs at (x, sigma)).
       reflections: reflections per reflected step (1 = the paper).
+      then: further pairs ``(strong, weak, strong_extra_args, weak_extra_args)`` reflected in order after the
+        first on every reflected step, with the same options (successive composition, ``pairs.compose``);
+        ``None`` entries mean the main denoiser / extra args.
     """
 
     def __init__(self, model, sigmas, extra_args, *, weak=None, weak_extra_args=None, strong=None,
                  strong_extra_args=None, lam=None, sigma_window=None, strength=1., weak_sigma='current',
-                 form='paper', reflections=1):
+                 form='paper', reflections=1, then=()):
         check_sigmas(sigmas)
         check_options(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
         if weak is None:
@@ -157,10 +160,14 @@ class Reflection:
             if ea is not None and not (callable(ea) or isinstance(ea, dict)):
                 raise TypeError(f'{role}_extra_args must be a dict or a function of the main extra_args, '
                                 f'got {type(ea).__name__}')
+        then = tuple(then)
+        if not all(isinstance(p, tuple) and len(p) == 4 and callable(p[1]) for p in then):
+            raise TypeError('then must be a sequence of (strong, weak, strong_extra_args, weak_extra_args) tuples '
+                            'with a callable weak denoiser (see pairs.compose(..., successive=True))')
         self.main = checked('main', model)
         self.sigmas, self.extra_args = sigmas, extra_args
-        self.weak, self.strong = weak, model if strong is None else strong
-        self.weak_extra_args, self.strong_extra_args = weak_extra_args, strong_extra_args
+        self.pairs = tuple((model if s is None else s, w, s_ea, w_ea)
+                           for s, w, s_ea, w_ea in ((strong, weak, strong_extra_args, weak_extra_args),) + then)
         self.options = dict(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
         self.steps = reflected_steps(sigmas, lam, sigma_window) if strength != 0 else [False] * (len(sigmas) - 1)
 
@@ -168,6 +175,8 @@ class Reflection:
         if not self.steps[i]:
             return x
         ea = self.extra_args
-        ea_s = ea if self.strong_extra_args is None else _extra(self.strong_extra_args, ea)
-        ea_w = ea if self.weak_extra_args is None else _extra(self.weak_extra_args, ea)
-        return reflect(x, self.sigmas[i], self.sigmas[i + 1], self.strong, self.weak, ea_s, ea_w, **self.options)
+        for strong, weak, strong_spec, weak_spec in self.pairs:
+            ea_s = ea if strong_spec is None else _extra(strong_spec, ea)
+            ea_w = ea if weak_spec is None else _extra(weak_spec, ea)
+            x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, **self.options)
+        return x
