@@ -52,7 +52,7 @@ def test_anchored_form_is_exact_and_identity_for_equal_models():
 
 
 def test_paper_form_matches_the_three_written_out_steps_and_strength_scales_it():
-    h, sn = 0.3, SIGMA - 0.3
+    sn = SIGMA - 0.3
     s = SIGMA * torch.ones(len(X), dtype=torch.float64)
     x1 = X + (sn - SIGMA) * (X - STRONG(X, s)) / SIGMA
     x2 = x1 + (SIGMA - sn) * (x1 - WEAK(x1, s)) / SIGMA

@@ -7,7 +7,7 @@ import torch
 
 
 def _demo_runs(args):
-    from . import _kdiff
+    from . import _kdiff, guidance, pairs
     from .nfe import CallCounter
     from .sampling import sample_w2sd_euler
     from .toy import four_modes
@@ -24,6 +24,8 @@ def _demo_runs(args):
     lam = args.steps - 1
     nfe_w2sd = args.steps + 2 * lam
     sigmas_matched = K.get_sigmas_karras(nfe_w2sd, 0.01, 40.).double()
+    # Difference guidance D_s + (D_s - D_w) is W2SD's first-order twin at 2 calls per step: give it W2SD's NFE.
+    sigmas_guided = K.get_sigmas_karras(nfe_w2sd // 2, 0.01, 40.).double()
     runs = [
         ('weak alone', lambda m: K.sample_euler(m['weak'], noise * sigmas[0], sigmas, disable=True)),
         ('strong alone', lambda m: K.sample_euler(m['strong'], noise * sigmas[0], sigmas, disable=True)),
@@ -31,6 +33,9 @@ def _demo_runs(args):
                                                                weak=m['weak'], lam=lam)),
         ('strong, W2SD NFE', lambda m: K.sample_euler(m['strong'], noise * sigmas_matched[0], sigmas_matched,
                                                        disable=True)),
+        ('diff. guidance w=1', lambda m: K.sample_euler(
+            guidance.difference_guidance(pairs.weights(m['strong'], m['weak'])), noise * sigmas_guided[0],
+            sigmas_guided, disable=True)),
     ]
     results = []
     for name, run in runs:

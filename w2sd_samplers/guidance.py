@@ -16,19 +16,7 @@ from tqdm.auto import trange
 
 from . import _kdiff
 from . import pairs
-from .reflect import check_sigmas, checked, reflected_steps
-
-
-def _window(sigma_window):
-    if sigma_window is None:
-        return -math.inf, math.inf
-    try:
-        lo, hi = (float(v) for v in sigma_window)
-    except (TypeError, ValueError):
-        raise ValueError(f'sigma_window must be a pair (lo, hi) of numbers, got {sigma_window!r}') from None
-    if not lo <= hi:
-        raise ValueError(f'sigma_window must have lo <= hi, got {sigma_window!r}')
-    return lo, hi
+from .reflect import check_sigmas, checked, reflected_steps, window_bounds
 
 
 def difference_guidance(roles, w=1., *, sigma_window=None):
@@ -43,7 +31,7 @@ def difference_guidance(roles, w=1., *, sigma_window=None):
         raise TypeError(f'difference_guidance needs a pairs.Roles, got {type(roles).__name__}')
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
         raise ValueError(f'w must be a finite number (1.0 = W2SD\'s first-order twin), got {w!r}')
-    lo, hi = _window(sigma_window)
+    lo, hi = window_bounds(sigma_window)
 
     def guided(x, sigma, **extra_args):
         main, main_ea = roles.leg('main', extra_args)

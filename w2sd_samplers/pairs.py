@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .cfg import CFGDenoiser, cat_conds
-from .reflect import _extra
+from .reflect import resolve_extra_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Roles:
         if role == 'main':
             return self.main, ea
         denoiser, spec = getattr(self, role), getattr(self, f'{role}_extra_args')
-        return self.main if denoiser is None else denoiser, ea if spec is None else _extra(spec, ea)
+        return self.main if denoiser is None else denoiser, ea if spec is None else resolve_extra_args(spec, ea)
 
     @property
     def strong_is_main(self):

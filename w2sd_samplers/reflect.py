@@ -21,7 +21,8 @@ WEAK_SIGMAS = ('current', 'next')
 FORMS = ('paper', 'anchored')
 
 
-def _extra(spec, main_extra_args):
+def resolve_extra_args(spec, main_extra_args):
+    """A role's extra args: ``spec`` itself, or ``spec(main_extra_args)`` when it is a function."""
     # A function spec is evaluated per call: hosts (A1111) swap conds inside the live extra_args mid-run.
     return spec(main_extra_args) if callable(spec) else spec
 
@@ -99,6 +100,19 @@ def check_sigmas(sigmas):
         raise ValueError('sigmas must be non-increasing (noisiest first, as k-diffusion schedules are)')
 
 
+def window_bounds(sigma_window):
+    """``(lo, hi)`` of a sigma window; ``None`` is the whole range."""
+    if sigma_window is None:
+        return -math.inf, math.inf
+    try:
+        lo, hi = (float(v) for v in sigma_window)
+    except (TypeError, ValueError):
+        raise ValueError(f'sigma_window must be a pair (lo, hi) of numbers, got {sigma_window!r}') from None
+    if not lo <= hi:
+        raise ValueError(f'sigma_window must have lo <= hi, got {sigma_window!r}')
+    return lo, hi
+
+
 def reflected_steps(sigmas, lam=None, sigma_window=None):
     """Boolean list: does step i (sigmas[i] -> sigmas[i+1]) reflect?
 
@@ -110,12 +124,7 @@ def reflected_steps(sigmas, lam=None, sigma_window=None):
     if lam is not None and sigma_window is not None:
         raise ValueError('give lam (first lambda steps) or sigma_window (lo, hi), not both')
     if sigma_window is not None:
-        try:
-            lo, hi = (float(v) for v in sigma_window)
-        except (TypeError, ValueError):
-            raise ValueError(f'sigma_window must be a pair (lo, hi) of numbers, got {sigma_window!r}') from None
-        if not lo <= hi:
-            raise ValueError(f'sigma_window must have lo <= hi, got {sigma_window!r}')
+        lo, hi = window_bounds(sigma_window)
         chosen = [lo <= float(s) <= hi for s in sigmas[:-1]]
     else:
         lam = n - 1 if lam is None else lam
@@ -176,7 +185,7 @@ class Reflection:
             return x
         ea = self.extra_args
         for strong, weak, strong_spec, weak_spec in self.pairs:
-            ea_s = ea if strong_spec is None else _extra(strong_spec, ea)
-            ea_w = ea if weak_spec is None else _extra(weak_spec, ea)
+            ea_s = ea if strong_spec is None else resolve_extra_args(strong_spec, ea)
+            ea_w = ea if weak_spec is None else resolve_extra_args(weak_spec, ea)
             x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, **self.options)
         return x
