@@ -7,8 +7,8 @@ import torch
 diffusers = pytest.importorskip('diffusers')
 import k_diffusion.sampling as K  # noqa: E402
 
-from w2sd_samplers.adapters import (alphas_cumprod, cogvideox_denoiser, dit_denoiser, schedule,  # noqa: E402
-                                    spaced_timesteps, timestep_sigmas, unet_denoiser)
+from w2sd_samplers.adapters import (alphas_cumprod, cogvideox_denoiser, dit_denoiser, ditmoe_denoiser,  # noqa: E402
+                                    schedule, spaced_timesteps, timestep_sigmas, unet_denoiser)
 from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
 
 STEPS = 8
@@ -197,6 +197,9 @@ def test_cogvideox_euler_reproduces_cogvideox_ddim(rope):
         ref = ddim_reference(sched, net, latents, steps=10)
         got = ours(den, sched, latents, {'encoder_hidden_states': ehs}, steps=10)
     assert rel(got, ref) < 1e-4
+    # The variant tables without a scheduler: sigma_max is the ZSNR clamp; 2b's SNR shift scales sigma by sqrt(3).
+    assert abs(float(cogvideox_denoiser(tf, variant='5b').sigma_max) - 4518.76) < 0.1
+    assert abs(float(cogvideox_denoiser(tf, variant='2b').sigma_min) - 0.02917 * 3 ** 0.5) < 1e-4
 
 
 def CogVideoXNetRot(tf, latents):
@@ -224,6 +227,31 @@ def test_dit_euler_reproduces_ddim_on_the_eps_half():
         ref = ddim_reference(sched, lambda x, t: tf(x, t.expand(2), labels).sample[:, :4], latents)
         got = ours(den, sched, latents, {'class_labels': labels})
     assert rel(got, ref) < 1e-4
+
+
+class RepoStyleDiT(torch.nn.Module):
+    # The DiT-MoE repo's calling convention: forward(x, t, y) -> [B, 2C, H, W] (eps, then learned variance).
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 8)
+        self.conv = torch.nn.Conv2d(4, 8, 1)
+
+    def forward(self, x, t, y):
+        return self.conv(x) * (t[:, None, None, None] / 1000) + self.emb(y)[:, :, None, None]
+
+
+def test_ditmoe_ddim_adapter_is_the_eps_formula_on_dit_betas():
+    net = RepoStyleDiT()
+    den = ditmoe_denoiser(net)
+    table = diffusers.DDIMScheduler(beta_schedule='linear', beta_start=0.0001, beta_end=0.02).alphas_cumprod
+    t = 400
+    abar = table[t]
+    sigma = ((1 - abar) / abar).sqrt().reshape(1).repeat(2)
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        eps = net(x * abar.sqrt(), torch.full([2], float(t)), y)[:, :4]
+        torch.testing.assert_close(den(x, sigma, class_labels=y), x - sigma[:, None, None, None] * eps,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_dtype_handling_and_schedules():

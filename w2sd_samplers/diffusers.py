@@ -39,6 +39,9 @@ def family(pipe):
         raise ValueError(f'{type(pipe).__name__} is not supported: generate() needs a UNet text-to-image or '
                          f'text-to-video pipeline of the families {FAMILIES}')
     if isinstance(unet, diffusers.UNetMotionModel) and hasattr(pipe, 'video_processor'):
+        if unet.config.addition_embed_type == 'text_time':
+            raise ValueError('AnimateDiff SDXL pipelines are not supported by generate() yet; use the adapter '
+                             '(adapters.unet_denoiser) with a sampler directly')
         return 'animatediff'
     if isinstance(unet, diffusers.UNet2DConditionModel) and hasattr(pipe, 'image_processor'):
         return 'sdxl' if unet.config.addition_embed_type == 'text_time' else 'sd'
@@ -290,6 +293,10 @@ def _load(folder, device, dtype):
 def main(args):
     """Run ``w2sd generate`` from parsed arguments; returns the list of files written."""
     pipe = _load(args.model, args.device, args.dtype)
+    video = family(pipe) == 'animatediff'
+    stem, ext = os.path.splitext(args.out)
+    if video and ext.lower() not in ('.gif', '.mp4'):
+        raise SystemExit(f'w2sd generate: a video needs a .gif or .mp4 output file, got {args.out!r}')
     weak = _load(args.weak_model, args.device, args.dtype) if args.weak_model else None
     lora = None
     if args.lora:
@@ -304,11 +311,10 @@ def main(args):
                       weak_model=weak, weak_prompt=args.weak_prompt, strong_cfg=args.strong_cfg,
                       weak_cfg=args.weak_cfg, lora=lora, lora_scales=tuple(args.lora_scales), parity=args.parity,
                       progress=not args.no_progress, strength=args.strength, **w2sd_options)
-    stem, ext = os.path.splitext(args.out)
     outputs = result.images
     paths = [args.out] if len(outputs) == 1 else [f'{stem}_{i}{ext}' for i in range(len(outputs))]
     for path, item in zip(paths, outputs):
-        if family(pipe) == 'animatediff':
+        if video:
             from diffusers.utils import export_to_gif, export_to_video
             (export_to_gif if ext.lower() == '.gif' else export_to_video)(item, path)
         else:

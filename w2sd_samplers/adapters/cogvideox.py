@@ -65,4 +65,4 @@ def cogvideox_denoiser(transformer, scheduler=None, *, variant=None, quantize=Fa
     else:
         raise TypeError(f"cogvideox_denoiser needs scheduler=<the pipeline scheduler> or variant='2b' or '5b', "
                         f'got variant={variant!r}')
-    return vp_denoiser(CogVideoXNet(transformer), table.to(transformer.device), pred, quantize).to(transformer.device)
+    return vp_denoiser(CogVideoXNet(transformer), table.to(transformer.device), pred, quantize)

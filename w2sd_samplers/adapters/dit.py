@@ -49,7 +49,7 @@ def dit_denoiser(transformer, scheduler=None, quantize=False):
         raise TypeError(f'dit_denoiser needs a DiTTransformer2DModel, got {type(transformer).__name__}')
     table = alphas_cumprod(**DIT_SCHEDULE) if scheduler is None else \
         alphas_cumprod_from_config(getattr(scheduler, 'config', scheduler))
-    return vp_denoiser(DiTNet(transformer), table.to(transformer.device), 'epsilon', quantize).to(transformer.device)
+    return vp_denoiser(DiTNet(transformer), table.to(transformer.device), 'epsilon', quantize)
 
 
 def ditmoe_denoiser(model, quantize=False):
@@ -57,4 +57,4 @@ def ditmoe_denoiser(model, quantize=False):
     if not isinstance(model, nn.Module):
         raise TypeError(f'ditmoe_denoiser needs the DiT-MoE torch module, got {type(model).__name__}')
     device = next(model.parameters()).device
-    return vp_denoiser(DiTMoENet(model), alphas_cumprod(**DIT_SCHEDULE).to(device), 'epsilon', quantize).to(device)
+    return vp_denoiser(DiTMoENet(model), alphas_cumprod(**DIT_SCHEDULE).to(device), 'epsilon', quantize)

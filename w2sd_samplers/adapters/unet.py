@@ -66,4 +66,4 @@ def unet_denoiser(unet, scheduler=None, *, family=None, prediction_type=None, qu
         raise TypeError('unet_denoiser needs the noise schedule: pass scheduler=<the pipeline scheduler> or '
                         f'family=<one of {sorted(FAMILIES)}>')
     net = UNetNet(unet, frames_in_text=motion)
-    return vp_denoiser(net, table.to(unet.device), prediction_type or pred, quantize).to(unet.device)
+    return vp_denoiser(net, table.to(unet.device), prediction_type or pred, quantize)
