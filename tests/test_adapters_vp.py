@@ -40,6 +40,12 @@ def sdxl_cond(batch, seed):
                                   'time_ids': torch.tensor([[64., 64., 0., 0., 64., 64.]]).repeat(batch, 1)}}
 
 
+def ddim(beta_schedule='scaled_linear', **kw):
+    """diffusers' DDIM on the SD / AnimateDiff betas, without x0 clipping (k-diffusion's Euler never clips)."""
+    return diffusers.DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+                                   clip_sample=False, steps_offset=1, **kw)
+
+
 def ddim_reference(scheduler, net, latents, steps=STEPS):
     """diffusers' own loop: the scheduler steps on the network output."""
     scheduler.set_timesteps(steps)
@@ -85,8 +91,7 @@ def test_sd_unet_euler_reproduces_ddim(prediction_type):
     # SD 1.x (eps) and SD 2.x 768 (v, linear projections).
     kw = {} if prediction_type == 'epsilon' else dict(use_linear_projection=True, attention_head_dim=(2, 4))
     unet = tiny_sd_unet(**kw)
-    sched = diffusers.DDIMScheduler(clip_sample=False, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
-                                    prediction_type=prediction_type, steps_offset=1, set_alpha_to_one=True)
+    sched = ddim(prediction_type=prediction_type)
     ehs = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -99,8 +104,7 @@ def test_sdxl_unet_euler_reproduces_ddim_and_euler_discrete():
     unet = tiny_sdxl_unet()
     cond = sdxl_cond(2, 1)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    sched = diffusers.DDIMScheduler(clip_sample=False, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
-                                    steps_offset=1)
+    sched = ddim()
     den = unet_denoiser(unet, sched)
     with torch.no_grad():
         ref = ddim_reference(sched, lambda x, t: unet(x, t, **cond).sample, latents)
@@ -141,15 +145,15 @@ def tiny_animatediff():
 
 def test_animatediff_euler_reproduces_ddim_with_text_repeated_per_frame():
     unet = tiny_animatediff()
-    sched = diffusers.DDIMScheduler(clip_sample=False, beta_schedule='linear', beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    sched = ddim('linear')
     ehs = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     den = unet_denoiser(unet, family='animatediff')
     assert abs(float(den.sigma_max) - 25.15) < 0.01
     with torch.no_grad():
         # The pipeline repeats the text per frame itself; our adapter takes one text per video.
-        ref = ddim_reference(sched, lambda x, t: unet(x, t, encoder_hidden_states=ehs.repeat_interleave(3, 0)).sample,
-                             latents)
+        ref = ddim_reference(
+            sched, lambda x, t: unet(x, t, encoder_hidden_states=ehs.repeat_interleave(3, 0)).sample, latents)
         assert rel(ours(den, sched, latents, {'encoder_hidden_states': ehs}), ref) < 1e-4
         x, sigma = latents * 5, torch.full([2], 5.)
         uncond = {'encoder_hidden_states': torch.zeros(2, 5, 32)}
@@ -164,8 +168,7 @@ def test_modelscope_euler_reproduces_ddim():
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=('CrossAttnDownBlock3D', 'DownBlock3D'), up_block_types=('UpBlock3D', 'CrossAttnUpBlock3D'),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
-    sched = diffusers.DDIMScheduler(clip_sample=False, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
-                                    steps_offset=1)
+    sched = ddim()
     ehs = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
     latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

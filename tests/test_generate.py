@@ -11,7 +11,7 @@ diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
-from test_adapters_vp import tiny_animatediff, tiny_sd_unet, tiny_sdxl_unet  # noqa: E402
+from test_adapters_vp import ddim, tiny_sd_unet, tiny_sdxl_unet  # noqa: E402
 from w2sd_samplers.diffusers import add_parser, family, generate, main  # noqa: E402
 
 PROMPT = 'a cat'
@@ -40,11 +40,6 @@ def tiny_vae():
     return diffusers.AutoencoderKL(block_out_channels=(8,), down_block_types=('DownEncoderBlock2D',),
                                    up_block_types=('UpDecoderBlock2D',), latent_channels=4, norm_num_groups=8,
                                    sample_size=8).eval()
-
-
-def ddim(**kw):
-    return diffusers.DDIMScheduler(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, steps_offset=1, **kw)
 
 
 def sd_pipe(tmp_path, unet=None):
@@ -160,8 +155,7 @@ def test_animatediff_text_to_video(tmp_path):
     adapter = diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
                                       motion_num_attention_heads=2, motion_norm_num_groups=8,
                                       motion_max_seq_length=16, use_motion_mid_block=True)
-    sched = diffusers.DDIMScheduler(beta_schedule='linear', beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                    steps_offset=1)
+    sched = ddim('linear')
     pipe = diffusers.AnimateDiffPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(32),
                                          tokenizer=tiny_tokenizer(tmp_path), unet=tiny_sd_unet(),
                                          motion_adapter=adapter, scheduler=sched)

@@ -19,7 +19,7 @@ from tqdm.auto import trange
 
 from . import _kdiff
 from .adapters.vp import spaced_timesteps, timestep_sigmas
-from .reflect import _extra, check_sigmas, checked
+from .reflect import check_sigmas, checked, resolve_extra_args
 
 
 def _alpha(sigma):
@@ -72,8 +72,8 @@ def sample_w2sd_official(model, x, sigmas, extra_args=None, callback=None, disab
     s_in = x.new_ones([x.shape[0]])
     for i in trange(n, disable=disable):
         if i < lam and sigmas[i + 1] > 0:
-            ea_s = extra_args if strong_extra_args is None else _extra(strong_extra_args, extra_args)
-            ea_w = extra_args if weak_extra_args is None else _extra(weak_extra_args, extra_args)
+            ea_s = extra_args if strong_extra_args is None else resolve_extra_args(strong_extra_args, extra_args)
+            ea_w = extra_args if weak_extra_args is None else resolve_extra_args(weak_extra_args, extra_args)
             x = reflect_official(x, i, sigmas, strong, weak, ea_s, ea_w)
         denoised = main(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:

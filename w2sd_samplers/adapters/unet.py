@@ -50,7 +50,7 @@ def unet_denoiser(unet, scheduler=None, *, family=None, prediction_type=None, qu
     """
     diffusers = require_diffusers()
     motion = isinstance(unet, diffusers.UNetMotionModel)
-    if not isinstance(unet, (diffusers.UNet2DConditionModel, diffusers.UNet3DConditionModel, diffusers.UNetMotionModel)):
+    if not (motion or isinstance(unet, (diffusers.UNet2DConditionModel, diffusers.UNet3DConditionModel))):
         raise TypeError(f'unet_denoiser needs a diffusers UNet2DConditionModel, UNet3DConditionModel or '
                         f'UNetMotionModel, got {type(unet).__name__}')
     if scheduler is not None:
