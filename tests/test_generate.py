@@ -86,6 +86,8 @@ def test_w2sd_cfg_pair_is_reproducible_counts_calls_and_decodes(tmp_path):
         generate(pipe, PROMPT, steps=3, progress=False)
     with pytest.raises(ValueError, match='sampler'):
         generate(pipe, PROMPT, sampler='ddim', weak_cfg=1., progress=False)
+    with pytest.raises(ValueError, match='steps'):
+        generate(pipe, PROMPT, steps=0, weak_cfg=1., progress=False)
 
 
 def test_sdxl_prompt_pair_other_samplers_schedules_and_parity(tmp_path):

@@ -143,8 +143,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     model at ``strong_cfg`` (default ``guidance_scale``); the weak leg ``weak_model`` (a pipeline of the same
     family or a UNet; default the pipeline's) with ``weak_prompt`` (default ``prompt``) at ``weak_cfg`` (default
     ``strong_cfg``). ``lora``: the name of a PEFT adapter loaded into ``pipe``; ``lora_scales=(strong, weak)``
-    (the main step uses the strong scale; adapter state restored afterwards). The paper's weight and prompt pairs
-    use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
+    (the main step uses the strong scale; other adapters are off during the run; the adapter state is restored
+    afterwards). The paper's weight and prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
 
     ``sampler``: a name of ``w2sd_samplers.SAMPLERS``; ``parity=True`` runs the official code instead
     (:mod:`w2sd_samplers.parity`: its DDIM grid, its reflection). ``schedule``: 'native' (the scheduler's
@@ -156,13 +156,17 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     fam = family(pipe)
     _check_choice('sampler', sampler, SAMPLERS)
     _check_choice('schedule', schedule, SCHEDULES)
-    if not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f'seed must be an int, got {type(seed).__name__}')
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
     from .adapters.unet import unet_denoiser
-    device = pipe.unet.device
+    device = pipe._execution_device           # the UNet's device, or the offload target
     vsf = pipe.vae_scale_factor
     height = height or pipe.unet.config.sample_size * vsf
     width = width or pipe.unet.config.sample_size * vsf
+    if height % vsf or width % vsf:
+        raise ValueError(f'height and width must be multiples of the VAE scale factor {vsf}, got {height}x{width}')
     strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
     weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
     weak_pipe = weak_model if hasattr(weak_model, 'unet') else None
