@@ -285,7 +285,8 @@ def _load(folder, device, dtype):
     if not os.path.isfile(os.path.join(folder, 'model_index.json')):
         raise SystemExit(f'w2sd generate: {folder!r} is not a diffusers pipeline folder (no model_index.json)')
     diffusers = require_diffusers()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=getattr(torch, dtype),
+    # torch_dtype (deprecated in favour of dtype in recent diffusers) is the spelling every version accepts.
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype),
                                                        local_files_only=True, use_safetensors=True)
     try:
         family(pipe)
