@@ -75,7 +75,7 @@ class _LoraScales:
             if isinstance(component, torch.nn.Module):
                 for m in component.modules():
                     if isinstance(m, BaseTunerLayer):
-                        self.saved.append((m, dict(m.scaling), m._active_adapter,
+                        self.saved.append((m, dict(m.scaling), list(m.active_adapters),
                                            [(p, p.requires_grad) for p in m.parameters()]))
         if not any(name in m.scaling for m, *_ in self.saved):
             raise ValueError(f'the pipeline has no LoRA adapter named {name!r}; load it first with '
@@ -94,10 +94,10 @@ class _LoraScales:
 
     def restore(self):
         for m, scaling, active, grads in self.saved:
+            m.set_adapter(active)
             m.scaling.clear()
-            m.scaling.update(scaling)
-            m._active_adapter = active
-            for p, g in grads:
+            m.scaling.update(scaling)                    # the exact values (set_scale would recompute them)
+            for p, g in grads:                           # set_adapter marks adapter weights trainable
                 p.requires_grad_(g)
 
 
