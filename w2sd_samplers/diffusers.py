@@ -1,0 +1,327 @@
+"""W2SD on diffusers pipelines: ``generate()`` and the ``w2sd generate`` command.
+
+Only the denoising loop is ours: prompts go through the pipeline's own ``encode_prompt``, latents through its
+VAE and image/video post-processing. Supported: SD 1.x/2.x and SDXL text-to-image pipelines, AnimateDiff
+text-to-video. The pair can combine a second model (pipeline or UNet), a LoRA at two scales, two CFG scales and
+two prompts; ``w2sd=False`` runs the plain k-diffusion sampler on the same noise (the baseline).
+"""
+import argparse
+import dataclasses
+import os
+
+import torch
+
+from . import _kdiff
+from .adapters.vp import require_diffusers, spaced_timesteps, timestep_sigmas
+from .cfg import CFGDenoiser
+from .nfe import CallCounter
+from .parity import parity_sigmas, sample_w2sd_official
+from .sampling import SAMPLERS
+
+FAMILIES = ('sd', 'sdxl', 'animatediff')
+SCHEDULES = ('native', 'karras', 'exponential')
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """``images``: the pipeline's post-processed output (PIL images, or per-video frame lists for video);
+    ``latents``: the final VP latents; ``nfe``: denoiser calls per role (one call = one batched CFG forward)."""
+    images: object
+    latents: torch.Tensor
+    nfe: dict
+
+
+def family(pipe):
+    """'sd', 'sdxl' or 'animatediff' for a supported pipeline; ValueError otherwise."""
+    diffusers = require_diffusers()
+    unet = getattr(pipe, 'unet', None)
+    if not hasattr(pipe, 'encode_prompt') or unet is None:
+        raise ValueError(f'{type(pipe).__name__} is not supported: generate() needs a UNet text-to-image or '
+                         f'text-to-video pipeline of the families {FAMILIES}')
+    if isinstance(unet, diffusers.UNetMotionModel) and hasattr(pipe, 'video_processor'):
+        if unet.config.addition_embed_type == 'text_time':
+            raise ValueError('AnimateDiff SDXL pipelines are not supported by generate() yet; use the adapter '
+                             '(adapters.unet_denoiser) with a sampler directly')
+        return 'animatediff'
+    if isinstance(unet, diffusers.UNet2DConditionModel) and hasattr(pipe, 'image_processor'):
+        return 'sdxl' if unet.config.addition_embed_type == 'text_time' else 'sd'
+    raise ValueError(f'{type(pipe).__name__} with a {type(unet).__name__} is not supported; supported families: '
+                     f'{FAMILIES}')
+
+
+def _conds(pipe, fam, prompt, negative_prompt, height, width, device):
+    """(cond, uncond) extra args of the family's UNet adapter, from the pipeline's own prompt encoder."""
+    if fam != 'sdxl':
+        pe, npe = pipe.encode_prompt(prompt, device, 1, True, negative_prompt)
+        return {'encoder_hidden_states': pe}, {'encoder_hidden_states': npe}
+    pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=True, negative_prompt=negative_prompt)
+    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+    ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
+                                 text_encoder_projection_dim=proj).to(device).repeat(len(pe), 1)
+    return ({'encoder_hidden_states': pe, 'added_cond_kwargs': {'text_embeds': pooled, 'time_ids': ids}},
+            {'encoder_hidden_states': npe, 'added_cond_kwargs': {'text_embeds': npooled, 'time_ids': ids}})
+
+
+class _LoraScales:
+    """Switches a PEFT adapter's scale through ``pipe.set_adapters``; ``restore()`` puts back every adapter
+    layer's scales, active adapters and requires_grad flags exactly as they were."""
+
+    def __init__(self, pipe, name):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.pipe, self.name, self.current = pipe, name, None
+        self.saved = []
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for m in component.modules():
+                    if isinstance(m, BaseTunerLayer):
+                        self.saved.append((m, dict(m.scaling), list(m.active_adapters),
+                                           [(p, p.requires_grad) for p in m.parameters()]))
+        if not any(name in m.scaling for m, *_ in self.saved):
+            raise ValueError(f'the pipeline has no LoRA adapter named {name!r}; load it first with '
+                             f"pipe.load_lora_weights(path, adapter_name={name!r})")
+
+    def use(self, scale):
+        if scale != self.current:
+            self.pipe.set_adapters(self.name, adapter_weights=scale)
+            self.current = scale
+
+    def wrap(self, denoiser, scale):
+        def scaled(x, sigma, **extra_args):
+            self.use(scale)
+            return denoiser(x, sigma, **extra_args)
+        return scaled
+
+    def restore(self):
+        for m, scaling, active, grads in self.saved:
+            m.set_adapter(active)
+            m.scaling.clear()
+            m.scaling.update(scaling)                    # the exact values (set_scale would recompute them)
+            for p, g in grads:                           # set_adapter marks adapter weights trainable
+                p.requires_grad_(g)
+
+
+def _decode(pipe, fam, latents, output_type):
+    if output_type == 'latent':
+        return latents
+    if fam == 'animatediff':
+        video = pipe.decode_latents(latents.to(pipe.vae.dtype))
+        return pipe.video_processor.postprocess_video(video=video, output_type=output_type)
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and vae.config.force_upcast      # SDXL's VAE overflows in fp16
+    mean, std = getattr(vae.config, 'latents_mean', None), getattr(vae.config, 'latents_std', None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        z = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + \
+            torch.tensor(mean).view(shape).to(latents)
+    else:
+        z = latents / vae.config.scaling_factor
+    try:
+        if upcast:
+            vae.to(torch.float32)
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(dtype)
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {sorted(choices)}, got {value!r}')
+
+
+@torch.no_grad()
+def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', schedule='native', guidance_scale=7.5,
+             seed=0, height=None, width=None, num_frames=16, w2sd=True, weak_model=None, weak_prompt=None,
+             strong_cfg=None, weak_cfg=None, lora=None, lora_scales=(1., -1.), parity=False, output_type='pil',
+             progress=True, sampler_options=None, **w2sd_options):
+    """Text to image (SD, SDXL) or video (AnimateDiff) with a W2SD sampler on a diffusers pipeline.
+
+    Roles: the main step uses the pipeline's model at ``guidance_scale``; the reflection's strong leg the same
+    model at ``strong_cfg`` (default ``guidance_scale``); the weak leg ``weak_model`` (a pipeline of the same
+    family or a UNet; default the pipeline's) with ``weak_prompt`` (default ``prompt``) at ``weak_cfg`` (default
+    ``strong_cfg``). ``lora``: the name of a PEFT adapter loaded into ``pipe``; ``lora_scales=(strong, weak)``
+    (the main step uses the strong scale; other adapters are off during the run; the adapter state is restored
+    afterwards). The paper's weight and prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
+
+    ``sampler``: a name of ``w2sd_samplers.SAMPLERS``; ``parity=True`` runs the official code instead
+    (:mod:`w2sd_samplers.parity`: its DDIM grid, its reflection). ``schedule``: 'native' (the scheduler's
+    timestep spacing), 'karras' or 'exponential'. ``w2sd=False``: the plain k-diffusion sampler, same noise.
+    Other keywords are W2SD options (``lam``, ``strength``, ...); ``sampler_options`` go to the sampler (eta...).
+    Returns a :class:`GenerateResult`.
+    """
+    require_diffusers()
+    fam = family(pipe)
+    _check_choice('sampler', sampler, SAMPLERS)
+    _check_choice('schedule', schedule, SCHEDULES)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f'seed must be an int, got {type(seed).__name__}')
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
+    from .adapters.unet import unet_denoiser
+    device = pipe._execution_device           # the UNet's device, or the offload target
+    vsf = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * vsf
+    width = width or pipe.unet.config.sample_size * vsf
+    if height % vsf or width % vsf:
+        raise ValueError(f'height and width must be multiples of the VAE scale factor {vsf}, got {height}x{width}')
+    strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
+    weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
+    weak_pipe = weak_model if hasattr(weak_model, 'unet') else None
+    weak_unet = weak_pipe.unet if weak_pipe is not None else weak_model
+    if weak_pipe is not None and family(weak_pipe) != fam:
+        raise ValueError(f'weak_model is a {family(weak_pipe)} pipeline; the main one is {fam}')
+    lora_on = lora is not None
+    if lora_on and (not isinstance(lora_scales, (tuple, list)) or len(lora_scales) != 2):
+        raise ValueError(f'lora_scales must be (strong_scale, weak_scale), got {lora_scales!r}')
+    if w2sd and weak_model is None and weak_prompt is None and weak_cfg == strong_cfg and \
+            not (lora_on and lora_scales[0] != lora_scales[1]):
+        raise ValueError('the weak denoiser equals the strong one: give a pair (weak_model, weak_prompt, '
+                         'weak_cfg != strong_cfg, or lora with two scales), or w2sd=False for the baseline')
+
+    den = unet_denoiser(pipe.unet, pipe.scheduler)
+    counter = CallCounter()
+    switch = _LoraScales(pipe, lora) if lora_on else None
+    try:
+        def encoded(p, text, scale):
+            if switch is not None:
+                switch.use(scale)
+            return _conds(p, fam, text, negative_prompt, height, width, device)
+
+        s_scale, w_scale = lora_scales if lora_on else (None, None)
+        cond, uncond = encoded(pipe, prompt, s_scale)
+        w_cond, w_uncond = encoded(weak_pipe or pipe, prompt if weak_prompt is None else weak_prompt, w_scale)
+        main = CFGDenoiser(den)
+        weak = main if weak_unet is None else CFGDenoiser(
+            unet_denoiser(weak_unet, (weak_pipe or pipe).scheduler))
+        if switch is not None:
+            main, weak = switch.wrap(main, s_scale), switch.wrap(weak, w_scale)
+        main_args = {'cond': cond, 'uncond': uncond, 'cond_scale': guidance_scale}
+        w2sd_kwargs = dict(weak=counter.wrap(weak, 'weak'), strong=counter.wrap(main, 'strong'),
+                           strong_extra_args={**main_args, 'cond_scale': strong_cfg},
+                           weak_extra_args={'cond': w_cond, 'uncond': w_uncond, 'cond_scale': weak_cfg},
+                           **w2sd_options)
+
+        config = pipe.scheduler.config
+        if parity:
+            sigmas = parity_sigmas(den, steps, config.get('steps_offset', 0))
+        elif schedule == 'native':
+            ts = spaced_timesteps(steps, config.get('timestep_spacing', 'leading'), config.get('steps_offset', 0),
+                                  len(den.sigmas))
+            sigmas = timestep_sigmas(den, ts)
+        else:
+            sigmas = den.schedule(steps, schedule)
+        sigmas = sigmas.to(device)
+
+        channels = pipe.unet.config.in_channels
+        shape = [len(cond['encoder_hidden_states']), channels, height // vsf, width // vsf]
+        if fam == 'animatediff':
+            shape.insert(2, num_frames)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        x = noise * (1 + sigmas[0] ** 2).sqrt()          # the VP pure-noise latent in VE coordinates
+
+        K = _kdiff.sampling()
+        model = counter.wrap(main, 'main')
+        options = dict(extra_args=main_args, disable=not progress, **(sampler_options or {}))
+        rng_devices = [device] if device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)                      # ancestral/SDE noise, without touching the caller's RNG
+            if parity and w2sd:
+                x = sample_w2sd_official(model, x, sigmas, **options, **w2sd_kwargs)
+            elif parity or not w2sd:
+                x = getattr(K, 'sample_euler' if parity else f'sample_{sampler}')(model, x, sigmas, **options)
+            else:
+                x = SAMPLERS[sampler](model, x, sigmas, **options, **w2sd_kwargs)
+        latents = x / (1 + sigmas[-1] ** 2).sqrt()       # back to the VP latent diffusers decodes
+        latents = latents.to(pipe.unet.dtype)
+        images = _decode(pipe, fam, latents, output_type)
+    finally:
+        if switch is not None:
+            switch.restore()
+    return GenerateResult(images, latents, dict(counter.counts))
+
+
+def add_parser(subparsers):
+    """Add the ``generate`` subcommand to an argparse ``subparsers`` object; returns its parser."""
+    p = subparsers.add_parser('generate', help='W2SD text-to-image/video on a local diffusers model folder',
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('model', help='local diffusers pipeline folder (SD, SDXL or AnimateDiff; no hub download)')
+    p.add_argument('--prompt', required=True)
+    p.add_argument('--negative-prompt')
+    p.add_argument('--steps', type=int, default=30)
+    p.add_argument('--sampler', default='euler', choices=sorted(SAMPLERS))
+    p.add_argument('--schedule', default='native', choices=SCHEDULES)
+    p.add_argument('--cfg', type=float, default=7.5, help='CFG scale of the main step')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--height', type=int)
+    p.add_argument('--width', type=int)
+    p.add_argument('--frames', type=int, default=16, help='video frames (AnimateDiff)')
+    p.add_argument('--plain', action='store_true', help='no reflection: the baseline with the same noise')
+    p.add_argument('--parity', action='store_true', help="the official code's reflection and DDIM grid")
+    p.add_argument('--strong-cfg', type=float, help='CFG of the reflection strong leg (default --cfg)')
+    p.add_argument('--weak-cfg', type=float, help='CFG of the weak leg (default --strong-cfg)')
+    p.add_argument('--weak-prompt')
+    p.add_argument('--weak-model', help='local diffusers pipeline folder of the weak model (same family)')
+    p.add_argument('--lora', help='LoRA safetensors file; applied at --lora-scales (strong, weak)')
+    p.add_argument('--lora-scales', type=float, nargs=2, default=(1., -1.), metavar=('STRONG', 'WEAK'))
+    p.add_argument('--lam', type=int, help='reflect the first LAM steps (default: all but the last)')
+    p.add_argument('--strength', type=float, default=1.)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--dtype', default='float16' if torch.cuda.is_available() else 'float32',
+                   choices=('float32', 'float16', 'bfloat16'))
+    p.add_argument('--out', default='w2sd.png', help='output file (.png for images, .gif or .mp4 for video; '
+                                                    'several images get _0, _1, ... suffixes)')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=main)
+    return p
+
+
+def _load(folder, device, dtype):
+    if not os.path.isdir(folder):
+        raise SystemExit(f'w2sd generate: model folder {folder!r} does not exist (give a local diffusers '
+                         'pipeline folder, e.g. one written by pipe.save_pretrained)')
+    if not os.path.isfile(os.path.join(folder, 'model_index.json')):
+        raise SystemExit(f'w2sd generate: {folder!r} is not a diffusers pipeline folder (no model_index.json)')
+    diffusers = require_diffusers()
+    # torch_dtype (deprecated in favour of dtype in recent diffusers) is the spelling every version accepts.
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype),
+                                                       local_files_only=True, use_safetensors=True)
+    try:
+        family(pipe)
+    except ValueError as e:
+        raise SystemExit(f'w2sd generate: {e}') from None
+    return pipe.to(device)
+
+
+def main(args):
+    """Run ``w2sd generate`` from parsed arguments; returns the list of files written."""
+    pipe = _load(args.model, args.device, args.dtype)
+    video = family(pipe) == 'animatediff'
+    stem, ext = os.path.splitext(args.out)
+    if video and ext.lower() not in ('.gif', '.mp4'):
+        raise SystemExit(f'w2sd generate: a video needs a .gif or .mp4 output file, got {args.out!r}')
+    weak = _load(args.weak_model, args.device, args.dtype) if args.weak_model else None
+    lora = None
+    if args.lora:
+        if not os.path.isfile(args.lora):
+            raise SystemExit(f'w2sd generate: LoRA file {args.lora!r} does not exist')
+        pipe.load_lora_weights(args.lora, adapter_name='w2sd_lora')
+        lora = 'w2sd_lora'
+    w2sd_options = {} if args.lam is None else {'lam': args.lam}
+    result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                      sampler=args.sampler, schedule=args.schedule, guidance_scale=args.cfg, seed=args.seed,
+                      height=args.height, width=args.width, num_frames=args.frames, w2sd=not args.plain,
+                      weak_model=weak, weak_prompt=args.weak_prompt, strong_cfg=args.strong_cfg,
+                      weak_cfg=args.weak_cfg, lora=lora, lora_scales=tuple(args.lora_scales), parity=args.parity,
+                      progress=not args.no_progress, strength=args.strength, **w2sd_options)
+    outputs = result.images
+    paths = [args.out] if len(outputs) == 1 else [f'{stem}_{i}{ext}' for i in range(len(outputs))]
+    for path, item in zip(paths, outputs):
+        if video:
+            from diffusers.utils import export_to_gif, export_to_video
+            (export_to_gif if ext.lower() == '.gif' else export_to_video)(item, path)
+        else:
+            item.save(path)
+    return paths
