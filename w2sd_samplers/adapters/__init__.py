@@ -1,0 +1,1 @@
+"""Model families as k-diffusion denoisers ``D(x, sigma, **cond)``."""
