@@ -18,8 +18,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope='module')
-def svd():
+def make_svd():
     torch.manual_seed(0)
     unet = diffusers.UNetSpatioTemporalConditionModel(
         sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64),
@@ -32,6 +31,11 @@ def svd():
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     added_time_ids = torch.tensor([[6., 127., 0.02]]).repeat(2, 1)
     return unet, edm.svd_denoiser(unet), cond, uncond, added_time_ids
+
+
+@pytest.fixture(scope='module')
+def svd():
+    return make_svd()
 
 
 def svd_scheduler():
@@ -128,3 +132,14 @@ def test_w2sd_euler_end_to_end(svd):
     assert counter.total == 4 + 3 + 3
     assert torch.isfinite(out).all()
     assert rel(out, run(strength=0.)) > 1e-3
+
+
+def test_half_precision_unet_gets_its_dtype_and_returns_float32():
+    unet, denoiser, cond, _, ids = make_svd()
+    x, sigma = torch.randn(2, F, 4, 8, 8) * 2, torch.tensor([2., 0.3])
+    with torch.no_grad():
+        full = denoiser(x, sigma, **cond, added_time_ids=ids)
+        unet.to(torch.bfloat16)
+        half = denoiser(x.double(), sigma.half(), **cond, added_time_ids=ids)
+    assert half.dtype == torch.float32
+    assert rel(half, full) < 0.05

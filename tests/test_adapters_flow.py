@@ -1,5 +1,8 @@
 """Flow adapters on tiny random-weight diffusers models, checked against diffusers' FlowMatchEulerDiscreteScheduler."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -262,3 +265,49 @@ def test_w2sd_euler_end_to_end(kind):
     # 5 main steps, 4 reflections with a strong (CFG 4) and a weak (CFG 0, uncond only) leg: 13 calls.
     assert counter.counts['net'] == 13
     assert torch.isfinite(out).all() and rel(out, plain) > 1e-3
+
+
+def test_wan_image_to_video_condition_and_cfg():
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=9, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32, image_dim=32,
+        added_kv_proj_dim=24).eval()
+    denoiser = flow.wan_denoiser(model)
+    x, sigma = torch.randn(2, 4, 3, 8, 8) * 5, torch.tensor([5., 5.])
+    condition = torch.randn(1, 5, 3, 8, 8)  # mask + image latents, shared by the whole batch and both branches
+    image = torch.randn(2, 4, 32)
+    cond = dict(encoder_hidden_states=torch.randn(2, 5, 32), encoder_hidden_states_image=image)
+    uncond = dict(encoder_hidden_states=torch.randn(2, 5, 32), encoder_hidden_states_image=image)
+    t = sigma / (1 + sigma)
+    x_t = x / 6
+    with torch.no_grad():
+        def v(c):  # the I2V pipeline: condition concatenated on the channels, image states in both branches
+            return model(hidden_states=torch.cat([x_t, condition.repeat(2, 1, 1, 1, 1)], 1), timestep=1000 * t,
+                         **c, return_dict=False)[0]
+        v_u, v_c = v(uncond), v(cond)
+        got = CFGDenoiser(denoiser)(x, sigma, cond=cond, uncond=uncond, cond_scale=5., condition=condition)
+    torch.testing.assert_close(got, x_t - t[0] * (v_u + 5 * (v_c - v_u)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', FAMILIES)
+def test_half_precision_model_gets_its_dtype_and_returns_float32(kind):
+    model, denoiser, eps, (cond, _), shared = FAMILIES[kind][0]()
+    x, sigma = eps * 2, torch.tensor([2., 0.3])
+    with torch.no_grad():
+        full = denoiser(x, sigma, **cond, **shared)
+        model.to(torch.bfloat16)
+        half = denoiser(x.double(), sigma.half(), **cond, **shared)
+    assert half.dtype == torch.float32
+    assert rel(half, full) < 0.05
+
+
+def test_missing_diffusers_names_the_extra():
+    # Importing the adapters needs no diffusers; using one says which extra to install.
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "from w2sd_samplers.adapters import edm, flow\n"
+            "try:\n    flow.sd3_denoiser(None)\nexcept ImportError as e:\n    print(e)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'w2sd-samplers[diffusers]'" in out.stdout
