@@ -60,6 +60,11 @@ def test_x0_matches_scheduler_pred_original_sample(svd):
             ref = sched.step(v, sched.timesteps[0], x).pred_original_sample
             d = denoiser(x, torch.full([2], sigma), **cond, added_time_ids=ids)
         torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-5)
+    # One image latent per video broadcasts over the frames.
+    with torch.no_grad():
+        single = dict(cond, image_latents=cond['image_latents'][:, :1])
+        assert torch.equal(denoiser(x, torch.full([2], 3.), **single, added_time_ids=ids),
+                           denoiser(x, torch.full([2], 3.), **cond, added_time_ids=ids))
 
 
 def test_euler_with_frame_guidance_reproduces_pipeline_loop(svd):

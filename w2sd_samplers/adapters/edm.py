@@ -8,7 +8,7 @@ SVD is already in k-diffusion's VE form with sigma_data = 1: the network sees ``
 ModelSamplingContinuousEDM). Its sigma range is 0.002 ... 700; the pipeline samples a Karras grid on it.
 
 Latents are ``[B, F, 4, H, W]`` (frames second). Extra args:
-  per branch: ``image_latents [B, F, 4, H, W]`` (the VAE latent of the conditioning image, repeated over
+  per branch: ``image_latents [B, F or 1, 4, H, W]`` (the VAE latent of the conditioning image, repeated over
   frames, neither scaled by the VAE factor nor by c_in) and ``encoder_hidden_states [B, 1, D]`` (its CLIP image
   embedding); the unconditional branch uses zeros for both, as the pipeline does.
   shared: ``added_time_ids [B, 3] = (fps - 1, motion_bucket_id, noise_aug_strength)``.
@@ -40,7 +40,8 @@ class SVDDenoiser(nn.Module):
         x, sigma = x.float(), sigma.float()
         s = _kdiff.sampling().utils.append_dims(sigma, x.ndim)
         dtype = self.unet.dtype
-        sample = torch.cat([x / (s ** 2 + 1) ** 0.5, image_latents.float()], dim=2).to(dtype)
+        image_latents = image_latents.float().expand(-1, x.shape[1], -1, -1, -1)
+        sample = torch.cat([x / (s ** 2 + 1) ** 0.5, image_latents], dim=2).to(dtype)
         v = self.unet(sample=sample, timestep=sigma.log() / 4, encoder_hidden_states=encoder_hidden_states.to(dtype),
                       added_time_ids=repeat_batch(added_time_ids, x.shape[0]).to(dtype),
                       **cast_tree(kwargs, dtype), return_dict=False)[0].float()
