@@ -7,7 +7,6 @@ diffusers = pytest.importorskip('diffusers')
 K = pytest.importorskip('k_diffusion.sampling')
 
 from w2sd_samplers.adapters import edm  # noqa: E402
-from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
 from w2sd_samplers.nfe import CallCounter  # noqa: E402
 from w2sd_samplers.sampling import sample_w2sd_euler  # noqa: E402
 
