@@ -30,3 +30,16 @@ def test_cat_conds_rejects_mismatched_layouts():
     with pytest.raises(ValueError, match='beyond the batch'):
         cat_conds(torch.zeros(1, 77, 8), torch.zeros(1, 75, 8))
     assert cat_conds({'n': 3, 't': [torch.ones(1)]}, {'n': 3, 't': [torch.zeros(1)]})['t'][0].tolist() == [1., 0.]
+
+
+def test_tensor_scale_broadcasts_per_frame():
+    # SVD's pipeline guides each frame with its own scale: [1, F, 1, 1, 1] against [B, F, C, H, W].
+    x, sigma = torch.randn(2, 3, 4), torch.ones(2)
+    cond, uncond = {'c': torch.randn(2, 3, 4), 'extra': {'w': torch.ones(2)}}, {'c': torch.zeros(2, 3, 4),
+                                                                                 'extra': {'w': torch.ones(2)}}
+    scale = torch.tensor([1., 2., 0.]).reshape(1, 3, 1)
+    inner3 = lambda x, sigma, c, extra: x / (1 + sigma[:, None, None] ** 2) + c  # noqa: E731
+    got = CFGDenoiser(inner3)(x, sigma, cond=cond, uncond=uncond, cond_scale=scale)
+    d_c, d_u = inner3(x, sigma, **cond), inner3(x, sigma, **uncond)
+    for f, s in enumerate([1., 2., 0.]):
+        torch.testing.assert_close(got[:, f], d_u[:, f] + s * (d_c[:, f] - d_u[:, f]))

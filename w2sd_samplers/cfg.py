@@ -3,7 +3,7 @@
 ``CFGDenoiser(inner)(x, sigma, cond=..., uncond=..., cond_scale=s, **shared)`` computes
 ``D_u + s (D_c - D_u)`` where ``cond`` and ``uncond`` are the extra args of ``inner`` for each branch (dicts whose
 tensors carry the batch dimension first, nested dicts and lists allowed, as SDXL's ``added_cond_kwargs``).
-Both branches run as one batched forward; a scale of exactly 1 skips the unconditional branch and 0 the
+Both branches run as one batched forward; a number scale of exactly 1 skips the unconditional branch and 0 the
 conditional one. Because the scale sits in extra_args, roles differ only by extra args:
 ``weak_extra_args=lambda ea: {**ea, 'cond_scale': 0.}``.
 """
@@ -38,9 +38,10 @@ class CFGDenoiser:
         self.inner = inner
 
     def __call__(self, x, sigma, *, cond, uncond, cond_scale, **shared):
-        if cond_scale == 1:
+        # A tensor scale (per frame, as SVD's pipeline uses) broadcasts against the output and takes no shortcut.
+        if not isinstance(cond_scale, torch.Tensor) and cond_scale == 1:
             return self.inner(x, sigma, **cond, **shared)
-        if cond_scale == 0:
+        if not isinstance(cond_scale, torch.Tensor) and cond_scale == 0:
             return self.inner(x, sigma, **uncond, **shared)
         both = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conds(uncond, cond), **shared)
         uncond_out, cond_out = both.chunk(2)

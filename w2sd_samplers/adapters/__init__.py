@@ -12,6 +12,9 @@ _EXPORTS = {
     'unet': ('unet_denoiser', 'UNetNet'),
     'cogvideox': ('cogvideox_denoiser', 'CogVideoXNet'),
     'dit': ('dit_denoiser', 'ditmoe_denoiser', 'DiTNet', 'DiTMoENet'),
+    'flow': ('FlowDenoiser', 'sd3_denoiser', 'flux_denoiser', 'wan_denoiser', 'ditmoe_flow_denoiser', 'flow_sigmas',
+             'scheduler_sigmas', 'flux_shift', 'shift_t', 't_to_sigma'),
+    'edm': ('SVDDenoiser', 'svd_denoiser', 'frame_guidance'),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
