@@ -158,9 +158,10 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
                         restart_steps=restart_steps)
     noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
-        x, denoised = _heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
-        if callback is not None:
+        x_next, denoised = _heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
+        if callback is not None:  # k-diffusion reports the step's starting point
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        x = x_next
         lo = sigmas[i + 1]
         for hi, k, steps in plan.get(i + 1, ()):
             sub = K.get_sigmas_karras(steps + 1, lo, hi, device=sigmas.device)[:-2].to(sigmas.dtype)
