@@ -1,0 +1,166 @@
+"""The node pack inside real ComfyUI code on CPU: a tiny random SD1-style UNet, no weights.
+
+Runs when COMFYUI_PATH points to a ComfyUI checkout (docs/comfyui.md names the commit tested); skipped otherwise.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get('COMFYUI_PATH')
+if not COMFYUI_PATH:
+    pytest.skip('set COMFYUI_PATH to a ComfyUI checkout to run the node pack against it', allow_module_level=True)
+sys.path.insert(0, COMFYUI_PATH)
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+
+import comfy.hooks  # noqa: E402
+import comfy.latent_formats  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+
+from wrappers.comfyui import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
+from wrappers.comfyui.core import ROLE_KEY  # noqa: E402
+
+STEPS, SEED = 3, 42
+
+
+class TinySD1(comfy.supported_models_base.BASE):
+    unet_config = {'context_dim': 32, 'model_channels': 32, 'use_linear_in_transformer': False,
+                   'adm_in_channels': None, 'use_temporal_attention': False}
+    unet_extra_config = {'num_heads': 2, 'num_head_channels': -1}
+    latent_format = comfy.latent_formats.SD15
+
+
+def tiny_model(seed):
+    config = {'use_checkpoint': False, 'image_size': 8, 'out_channels': 4, 'use_spatial_transformer': True,
+              'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
+              'model_channels': 32, 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1], 'channel_mult': [1, 2],
+              'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 32,
+              'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
+              'use_temporal_resblock': False}
+    model = TinySD1(config).get_model({}, device=torch.device('cpu'))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # comfy.ops leaves weights uninitialized
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device('cpu'), offload_device=torch.device('cpu'))
+
+
+def cond(seed):
+    return [[torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+@pytest.fixture(scope='module')
+def setup():
+    model = tiny_model(0)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object('model_sampling'), 'karras', STEPS)
+    return model, latent, noise, sigmas, cond(1), cond(2)
+
+
+def w2sd_sampler(name, strength, form='paper', cfg_source='sampler', strong_cfg=5.5, weak_cfg=0.0):
+    return NODES['W2SDSampler']().get_sampler(name, -1, strength, 'current', form, 1, cfg_source, strong_cfg,
+                                              weak_cfg)[0]
+
+
+@pytest.mark.parametrize('name', ['euler', 'euler_ancestral', 'dpmpp_2m_sde'])
+def test_reflection_off_equals_comfyuis_own_sampler_for_the_same_seed(setup, name):
+    model, latent, noise, sigmas, pos, neg = setup
+
+    def run(sampler):
+        return comfy.sample.sample_custom(model, noise, 5.5, sampler, sigmas, pos, neg, latent, seed=SEED)
+
+    ref = run(comfy.samplers.ksampler(name))
+    off = run(w2sd_sampler(name, 0.0))
+    if name == 'euler':
+        assert torch.equal(off, ref)
+    else:  # same noise; ComfyUI's SDE/last-step arithmetic is written differently (half-log-SNR form)
+        torch.testing.assert_close(off, ref, rtol=1e-4, atol=1e-4)
+    on = run(w2sd_sampler(name, 1.0))
+    assert torch.isfinite(on).all() and (on - ref).abs().max() > 1e-2
+
+
+def test_reflection_legs_go_through_wrappers_and_inpainting_with_one_callback_per_step(setup):
+    model, latent, noise, sigmas, pos, neg = setup
+    model = model.clone()
+    seen = []
+
+    def spy(executor, x, timestep, model_options, seed):
+        seen.append((model_options.get(ROLE_KEY, 'main'), x.clone(), float(timestep[0])))
+        return executor(x, timestep, model_options, seed)
+
+    comfy.patcher_extension.add_wrapper(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, spy, model.model_options,
+                                        is_model_options=True)
+    mask = torch.ones(1, 1, 8, 8)
+    mask[..., :4] = 0  # keep the left half of latent
+    steps = []
+    out = comfy.sample.sample_custom(model, noise, 5.5, w2sd_sampler('euler', 1.0), sigmas, pos, neg, latent,
+                                     noise_mask=mask, callback=lambda i, d, x, total: steps.append((i, total)),
+                                     seed=SEED)
+    assert steps == [(i, STEPS) for i in range(STEPS)]
+    assert [role for role, _, _ in seen] == ['strong', 'weak', 'main'] * (STEPS - 1) + ['main']
+    kept = comfy.latent_formats.SD15().process_in(latent)[..., :4]
+    for role, x, sigma in seen:  # every leg sees ComfyUI's inpaint blending in the kept region
+        torch.testing.assert_close(x[..., :4], kept + sigma * noise[..., :4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[..., :4], latent[..., :4], rtol=1e-4, atol=1e-4)
+
+
+def test_guider_weak_conds_with_a_model_hook_and_weights_restored(setup):
+    model, latent, noise, sigmas, pos, neg = setup
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    other = comfy.hooks.get_patch_weights_from_model(tiny_model(1))
+    hook = comfy.hooks.create_hook_model_as_lora(other, None, 1.0, 0.0)
+
+    def run(guider):
+        return guider.sample(noise, latent, w2sd_sampler('euler', 1.0, 'anchored', 'guider'), sigmas, seed=SEED)
+
+    def guider(weak_pos, weak_neg):
+        return NODES['W2SDGuider']().get_guider(model, pos, neg, 5.5, 1.0, 1.0, weak_pos, weak_neg)[0]
+
+    plain = comfy.sample.sample_custom(model, noise, 5.5, comfy.samplers.ksampler('euler'), sigmas, pos, neg, latent,
+                                       seed=SEED)
+    # anchored form with weak == strong is exactly the identity: the guider's main step is the plain sampler
+    assert torch.equal(run(guider(None, None)), plain)
+    hooked = run(guider(comfy.hooks.set_hooks_for_conditioning(pos, hook),
+                        comfy.hooks.set_hooks_for_conditioning(neg, hook)))
+    assert torch.isfinite(hooked).all() and (hooked - plain).abs().max() > 1e-2
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ksampler_node(setup):
+    model, latent, noise, sigmas, pos, neg = setup
+    node = NODES['W2SDKSampler']()
+
+    def run(strength, **weak):
+        return node.sample(model, SEED, STEPS, 5.5, 'euler', 'karras', pos, neg, {'samples': latent}, 1.0, 1.0, 1.0,
+                           -1, strength, 'current', 'paper', 1, **weak)[0]['samples']
+
+    ref = comfy.sample.sample(model, noise, STEPS, 5.5, 'euler', 'karras', pos, neg, latent, seed=SEED)
+    assert torch.equal(run(0.0), ref)
+    prompt_pair = run(1.0, weak_positive=cond(3))
+    assert torch.isfinite(prompt_pair).all() and (prompt_pair - ref).abs().max() > 1e-2
+
+
+def test_an_interrupt_from_the_callback_stops_sampling(setup):
+    import comfy.model_management
+    model, latent, noise, sigmas, pos, neg = setup
+    steps = []
+
+    def callback(i, denoised, x, total):
+        steps.append(i)
+        if i == 1:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        comfy.sample.sample_custom(model, noise, 5.5, w2sd_sampler('euler', 1.0), sigmas, pos, neg, latent,
+                                   callback=callback, seed=SEED)
+    assert steps == [0, 1]
