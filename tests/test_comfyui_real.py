@@ -136,15 +136,55 @@ def test_guider_weak_conds_with_a_model_hook_and_weights_restored(setup):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_ksampler_node(setup):
+def denoise_once(model, positive, negative, cfg, x, sigma):
+    """ComfyUI's CFG denoiser of ``model`` at (x, sigma), through a KSAMPLER that makes a single call."""
+    def one_call(model_k, _, sigmas, extra_args=None, callback=None, disable=None):
+        return model_k(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    out = guider.sample(torch.zeros_like(x), torch.zeros_like(x), comfy.samplers.KSAMPLER(one_call),
+                        torch.tensor([sigma, 0.]), seed=SEED)
+    return model.model.process_latent_in(out)  # undo inner_sample's process_latent_out
+
+
+def test_hooked_weak_leg_is_the_other_checkpoints_prediction(setup):
+    model, latent, noise, sigmas, pos, neg = setup
+    other = tiny_model(1)
+    hook = comfy.hooks.create_hook_model_as_lora(comfy.hooks.get_patch_weights_from_model(other), None, 1.0, 0.0)
+    model = model.clone()
+    weak_calls = []
+
+    def spy(executor, x, timestep, model_options, seed):
+        out = executor(x, timestep, model_options, seed)
+        if model_options.get(ROLE_KEY) == 'weak':
+            weak_calls.append((x.clone(), float(timestep[0]), out.clone()))
+        return out
+
+    comfy.patcher_extension.add_wrapper(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, spy, model.model_options,
+                                        is_model_options=True)
+    guider = NODES['W2SDGuider']().get_guider(model, pos, neg, 5.5, 1.0, 3.0,
+                                              comfy.hooks.set_hooks_for_conditioning(cond(3), hook),
+                                              comfy.hooks.set_hooks_for_conditioning(neg, hook))[0]
+    guider.sample(noise, latent, w2sd_sampler('euler', 1.0, cfg_source='guider'), sigmas, seed=SEED)
+    assert len(weak_calls) == STEPS - 1
+    for x, sigma, out in weak_calls:
+        expected = denoise_once(other, cond(3), neg, 3.0, x, sigma)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        assert (out - denoise_once(model, cond(3), neg, 3.0, x, sigma)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize('name', ['euler', 'dpm_2'])
+def test_ksampler_node(setup, name):
     model, latent, noise, sigmas, pos, neg = setup
     node = NODES['W2SDKSampler']()
 
     def run(strength, **weak):
-        return node.sample(model, SEED, STEPS, 5.5, 'euler', 'karras', pos, neg, {'samples': latent}, 1.0, 1.0, 1.0,
+        return node.sample(model, SEED, STEPS, 5.5, name, 'karras', pos, neg, {'samples': latent}, 0.8, 1.0, 1.0,
                            -1, strength, 'current', 'paper', 1, **weak)[0]['samples']
 
-    ref = comfy.sample.sample(model, noise, STEPS, 5.5, 'euler', 'karras', pos, neg, latent, seed=SEED)
+    ref = comfy.sample.sample(model, noise, STEPS, 5.5, name, 'karras', pos, neg, latent, denoise=0.8, seed=SEED)
     assert torch.equal(run(0.0), ref)
     prompt_pair = run(1.0, weak_positive=cond(3))
     assert torch.isfinite(prompt_pair).all() and (prompt_pair - ref).abs().max() > 1e-2

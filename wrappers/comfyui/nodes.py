@@ -143,8 +143,9 @@ class W2SDKSamplerNode:
         guider = make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg)
         sampler = comfy.samplers.KSAMPLER(sampler_function(sampler_name),
                                           extra_options=w2sd_options(lam, strength, weak_sigma, form, reflections))
-        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
-                                         denoise=denoise, model_options=model.model_options).sigmas
+        # ComfyUI's KSampler computes the schedule (denoise, and the dropped penultimate sigma of dpm_2*)
+        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                         scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
         latent = latent_image.copy()
         x = comfy.sample.fix_empty_latent_channels(model, latent['samples'])
         noise = comfy.sample.prepare_noise(x, seed, latent.get('batch_index'))
