@@ -204,3 +204,29 @@ def test_an_interrupt_from_the_callback_stops_sampling(setup):
         comfy.sample.sample_custom(model, noise, 5.5, w2sd_sampler('euler', 1.0), sigmas, pos, neg, latent,
                                    callback=callback, seed=SEED)
     assert steps == [0, 1]
+
+
+def test_pack_loads_the_way_comfyui_loads_custom_nodes(tmp_path):
+    """A link in custom_nodes/, the library not installed: the pack finds the checkout it lives in."""
+    import pathlib
+    import subprocess
+    pack = pathlib.Path(__file__).parents[1] / 'wrappers' / 'comfyui'
+    (tmp_path / 'w2sd_nodes').symlink_to(pack, target_is_directory=True)
+    # nodes.load_custom_node's import, without importing nodes.py (which needs ComfyUI's full requirements)
+    script = f'''
+import importlib.util, sys
+sys.path.insert(0, {COMFYUI_PATH!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+path = {str(tmp_path / 'w2sd_nodes')!r}
+spec = importlib.util.spec_from_file_location(path.replace('.', '_x_'), path + '/__init__.py')
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+print(sorted(module.NODE_CLASS_MAPPINGS), module.NODE_CLASS_MAPPINGS['W2SDSampler'].RETURN_TYPES)
+'''
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    done = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['W2SDGuider', 'W2SDKSampler', 'W2SDSampler'] ('SAMPLER',)" in done.stdout
