@@ -19,6 +19,7 @@ comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 
 import comfy.hooks  # noqa: E402
 import comfy.latent_formats  # noqa: E402
+import comfy.model_base  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
@@ -38,14 +39,21 @@ class TinySD1(comfy.supported_models_base.BASE):
     latent_format = comfy.latent_formats.SD15
 
 
-def tiny_model(seed):
+class TinyFlow(TinySD1):
+    sampling_settings = {'shift': 3.0}
+
+    def model_type(self, state_dict, prefix=''):
+        return comfy.model_base.ModelType.FLOW
+
+
+def tiny_model(seed, config_class=TinySD1):
     config = {'use_checkpoint': False, 'image_size': 8, 'out_channels': 4, 'use_spatial_transformer': True,
               'legacy': False, 'adm_in_channels': None, 'dtype': torch.float32, 'in_channels': 4,
               'model_channels': 32, 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1], 'channel_mult': [1, 2],
               'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 32,
               'transformer_depth_output': [1, 1, 1, 1], 'use_temporal_attention': False,
               'use_temporal_resblock': False}
-    model = TinySD1(config).get_model({}, device=torch.device('cpu'))
+    model = config_class(config).get_model({}, device=torch.device('cpu'))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # comfy.ops leaves weights uninitialized
         for p in model.diffusion_model.parameters():
@@ -231,3 +239,21 @@ print(sorted(module.NODE_CLASS_MAPPINGS), module.NODE_CLASS_MAPPINGS['W2SDSample
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "['W2SDGuider', 'W2SDKSampler', 'W2SDSampler'] ('SAMPLER',)" in done.stdout
+
+
+def test_flow_model_deterministic_samplers_work_and_ve_noise_is_refused():
+    model = tiny_model(0, TinyFlow)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, SEED)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object('model_sampling'), 'simple', STEPS)
+    pos, neg = cond(1), cond(2)
+
+    def run(sampler):
+        return comfy.sample.sample_custom(model, noise, 5.5, sampler, sigmas, pos, neg, latent, seed=SEED)
+
+    ref = run(comfy.samplers.ksampler('euler'))
+    assert torch.equal(run(w2sd_sampler('euler', 0.0)), ref)
+    on = run(w2sd_sampler('euler', 1.0))
+    assert torch.isfinite(on).all() and (on - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match='flow'):
+        run(w2sd_sampler('euler_ancestral', 1.0))
