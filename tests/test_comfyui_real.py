@@ -257,3 +257,46 @@ def test_flow_model_deterministic_samplers_work_and_ve_noise_is_refused():
     assert torch.isfinite(on).all() and (on - ref).abs().max() > 1e-3
     with pytest.raises(ValueError, match='flow'):
         run(w2sd_sampler('euler_ancestral', 1.0))
+
+
+def test_lora_hooks_give_each_role_its_lora_strength(setup):
+    """The documented recipe: LoRA hook at 0.8 on positive/negative, at -1.5 on the weak conds."""
+    model, latent, noise, sigmas, pos, neg = setup
+    key = 'middle_block.1.transformer_blocks.0.attn2.to_k'
+    generator = torch.Generator().manual_seed(9)
+    rows, cols = model.model.get_parameter(f'diffusion_model.{key}.weight').shape
+    up, down = torch.randn(rows, 2, generator=generator), torch.randn(2, cols, generator=generator)
+    lora = {f'lora_unet_{key.replace(".", "_")}.lora_up.weight': up,
+            f'lora_unet_{key.replace(".", "_")}.lora_down.weight': down,
+            f'lora_unet_{key.replace(".", "_")}.alpha': torch.tensor(2.)}
+
+    def with_lora(strength):  # the reference: the LoRA merged by hand into a copy of the weights
+        merged = tiny_model(0)
+        with torch.no_grad():
+            merged.model.get_parameter(f'diffusion_model.{key}.weight').add_(strength * (up @ down))
+        return merged
+
+    def hooked(conds, strength):
+        return comfy.hooks.set_hooks_for_conditioning(conds, comfy.hooks.create_hook_lora(lora, strength, 0.0))
+
+    model = model.clone()
+    calls = []
+
+    def spy(executor, x, timestep, model_options, seed):
+        out = executor(x, timestep, model_options, seed)
+        calls.append((model_options.get(ROLE_KEY, 'main'), x.clone(), float(timestep[0]), out.clone()))
+        return out
+
+    comfy.patcher_extension.add_wrapper(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, spy, model.model_options,
+                                        is_model_options=True)
+    guider = NODES['W2SDGuider']().get_guider(model, hooked(pos, 0.8), hooked(neg, 0.8), 5.5, 1.0, 1.0,
+                                              hooked(cond(3), -1.5), hooked(neg, -1.5))[0]
+    guider.sample(noise, latent, w2sd_sampler('euler', 1.0, cfg_source='guider'), sigmas, seed=SEED)
+    strong_model, weak_model = with_lora(0.8), with_lora(-1.5)
+    expected = {'main': (strong_model, pos, 5.5), 'strong': (strong_model, pos, 1.0),
+                'weak': (weak_model, cond(3), 1.0)}
+    assert sorted({role for role, *_ in calls}) == ['main', 'strong', 'weak']
+    for role, x, sigma, out in calls:
+        reference, positive, scale = expected[role]
+        torch.testing.assert_close(out, denoise_once(reference, positive, neg, scale, x, sigma), rtol=1e-4,
+                                   atol=1e-4)
