@@ -131,6 +131,7 @@ def test_errors_name_the_fix():
         core.sample('euler', plain, x, sigmas, main)
     with pytest.raises(ValueError, match='sampler_name'):
         core.sampler_function('ddim')
+    assert core.sample('euler', plain, x, sigmas[:1], main, weak_cfg=0.) is x  # as ComfyUI's samplers do
     assert core.SAMPLER_NAMES == list(SAMPLERS)
 
 

@@ -107,10 +107,12 @@ def sample(name, model, x, sigmas, extra_args=None, callback=None, disable=None,
         raise ValueError(f'sampler_name must be one of {SAMPLER_NAMES}, got {name!r}')
     if weak_cfg is None and not handles_roles(model):
         raise ValueError('the weak reflection leg would equal the strong one: connect a W2SD Guider (weak conds '
-                         'or hooks), or set weak_cfg on the W2SD sampler')
+                         'or hooks), or set cfg_source = sampler and weak_cfg on the W2SD Sampler')
     if name in NOT_FOR_FLOW and is_flow(model):
         raise ValueError(f'{name} adds noise in the VE form, which does not fit this flow model; use one of '
                          f"{[n for n in SAMPLER_NAMES if n not in NOT_FOR_FLOW]}")
+    if len(sigmas) <= 1:  # nothing to do: ComfyUI's samplers return x (SplitSigmas can give one sigma)
+        return x
     extra_args = {} if extra_args is None else extra_args
     ns = noise_sampler(name, x, sigmas, extra_args.get('seed'))
     if ns is not None:
