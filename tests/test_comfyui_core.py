@@ -1,0 +1,164 @@
+"""The ComfyUI node pack's logic with small stand-ins for ComfyUI's objects (no ComfyUI needed)."""
+import importlib.util
+import pathlib
+import types
+
+import pytest
+import torch
+
+from w2sd_samplers import _kdiff
+from w2sd_samplers.sampling import SAMPLERS, sample_w2sd_euler, sample_w2sd_dpmpp_2m
+from w2sd_samplers.toy import GaussianMixture
+
+_path = pathlib.Path(__file__).parents[1] / 'wrappers' / 'comfyui' / 'core.py'
+_spec = importlib.util.spec_from_file_location('w2sd_comfy_core', _path)
+core = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(core)
+
+STRONG = GaussianMixture([[-2., 0.], [2., 0.]], 0.5, [0.5, 0.5])
+WEAK = GaussianMixture([[-2., 0.], [2., 0.]], 0.5, [0.1, 0.9])
+UNCOND = GaussianMixture([[0., 1.]], 1.5, [1.])
+
+
+class Inpaint:
+    """ComfyUI's KSamplerX0Inpaint signature: an extra_args key it does not know raises TypeError."""
+
+    def __init__(self, guider):
+        self.inner_model = guider
+        self.calls = []
+
+    def __call__(self, x, sigma, denoise_mask, model_options={}, seed=None):
+        self.calls.append(model_options.get(core.ROLE_KEY, 'main'))
+        return self.inner_model(x, sigma, model_options=model_options, seed=seed)
+
+
+class RoleGuider:
+    handles_w2sd_roles = True
+
+    def __init__(self, **denoisers):
+        self.denoisers = denoisers
+
+    def __call__(self, x, sigma, model_options={}, seed=None):
+        return self.denoisers[model_options.get(core.ROLE_KEY, 'main')](x, sigma)
+
+
+class CFGGuider:
+    """What ComfyUI's sampling_function does with cond/uncond and post-CFG functions."""
+
+    def __init__(self, cond, uncond, cfg):
+        self.cond, self.uncond, self.cfg = cond, uncond, cfg
+
+    def __call__(self, x, sigma, model_options={}, seed=None):
+        c, u = self.cond(x, sigma), self.uncond(x, sigma)
+        out = u + (c - u) * self.cfg
+        for fn in model_options.get('sampler_post_cfg_function', []):
+            out = fn({'denoised': out, 'cond_denoised': c, 'uncond_denoised': u})
+        return out
+
+
+def cfg(scale):
+    return lambda x, sigma: UNCOND(x, sigma) + (STRONG(x, sigma) - UNCOND(x, sigma)) * scale
+
+
+def setup():
+    sigmas = torch.tensor([10., 5., 2., 0.8, 0.3, 0.], dtype=torch.float64)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    main = {'model_options': {'transformer_options': {}}, 'seed': 3, 'denoise_mask': None}
+    return x, sigmas, main
+
+
+def test_options_from_widgets():
+    assert core.w2sd_options() == dict(lam=None, strength=1., weak_sigma='current', form='paper', reflections=1)
+    assert core.w2sd_options(3, 0.5, 'next', 'paper', 2)['lam'] == 3
+    for bad in (dict(lam=-2), dict(lam=1.5), dict(weak_sigma='prev'), dict(form='mirror')):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            core.w2sd_options(**bad)
+
+
+def test_roles_are_routed_through_model_with_the_same_extra_args_keys():
+    x, sigmas, main = setup()
+    model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
+    keys_before = {k: v for k, v in main.items()}
+    out = core.sample('euler', model, x, sigmas, main, disable=True, lam=3)
+    ref = sample_w2sd_euler(STRONG, x, sigmas, weak=WEAK, lam=3, disable=True)
+    assert torch.equal(out, ref)
+    assert main == keys_before and core.ROLE_KEY not in main['model_options']
+    assert model.calls == ['strong', 'weak', 'main'] * 3 + ['main'] * 2
+
+
+def test_multistep_sampler_and_options_pass_through():
+    x, sigmas, main = setup()
+    model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
+    opts = core.w2sd_options(-1, 0.7, 'next', 'paper', 2)
+    out = core.sampler_function('dpmpp_2m')(model, x, sigmas, extra_args=main, disable=True, **opts)
+    ref = sample_w2sd_dpmpp_2m(STRONG, x, sigmas, weak=WEAK, disable=True, strength=0.7, weak_sigma='next',
+                               reflections=2)
+    assert torch.equal(out, ref)
+
+
+def test_cfg_override_with_a_plain_cfg_guider():
+    x, sigmas, main = setup()
+    model = Inpaint(CFGGuider(STRONG, UNCOND, 5.5))
+    out = core.sample('euler', model, x, sigmas, main, disable=True, strong_cfg=1.0, weak_cfg=0.0)
+    ref = sample_w2sd_euler(cfg(5.5), x, sigmas, strong=cfg(1.0), weak=cfg(0.0), disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # strong_cfg=None: the strong leg is the main call
+    out = core.sample('euler', model, x, sigmas, main, disable=True, weak_cfg=-2.0)
+    ref = sample_w2sd_euler(cfg(5.5), x, sigmas, weak=cfg(-2.0), disable=True)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_role_model_options_copy_and_leave_the_callers_alone():
+    post = [lambda args: args['denoised']]
+    options = {'sampler_post_cfg_function': post, 'transformer_options': {'a': 1}}
+    tagged = core.role_model_options(options, 'weak', 2.0)
+    assert options == {'sampler_post_cfg_function': post, 'transformer_options': {'a': 1}} and len(post) == 1
+    assert tagged[core.ROLE_KEY] == 'weak' and tagged['disable_cfg1_optimization'] is True
+    assert len(tagged['sampler_post_cfg_function']) == 2
+    c, u = torch.tensor([3.]), torch.tensor([1.])
+    assert tagged['sampler_post_cfg_function'][-1]({'cond_denoised': c, 'uncond_denoised': u}).item() == 5.
+    assert 'sampler_post_cfg_function' not in core.role_model_options({}, 'strong')
+    with pytest.raises(ValueError, match='role'):
+        core.role_model_options({}, 'medium')
+    with pytest.raises(ValueError, match='unconditional'):
+        core.cfg_override(1.0)({'cond_denoised': c, 'uncond_denoised': None})
+
+
+def test_errors_name_the_fix():
+    x, sigmas, main = setup()
+    plain = Inpaint(CFGGuider(STRONG, UNCOND, 5.5))
+    with pytest.raises(ValueError, match='W2SD Guider'):
+        core.sample('euler', plain, x, sigmas, main)
+    with pytest.raises(ValueError, match='sampler_name'):
+        core.sampler_function('ddim')
+    assert core.sample('euler', plain, x, sigmas[:1], main, weak_cfg=0.) is x  # as ComfyUI's samplers do
+    assert core.SAMPLER_NAMES == list(SAMPLERS)
+
+
+def test_noise_built_the_comfyui_way(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        default_noise_sampler=lambda x, seed=None: calls.append(('generator', seed)) or 'gen',
+        BrownianTreeNoiseSampler=lambda x, lo, hi, seed=None, cpu=False: calls.append(
+            ('tree', float(lo), float(hi), seed, cpu)) or 'tree')
+    _kdiff.set_backend(fake)
+    try:
+        x, sigmas, _ = setup()
+        assert core.noise_sampler('euler_ancestral', x, sigmas, 7) == 'gen'
+        assert core.noise_sampler('dpmpp_2m_sde', x, sigmas, 7) == 'tree'
+        assert core.noise_sampler('dpmpp_2m', x, sigmas, 7) is None
+    finally:
+        _kdiff.set_backend(None)
+    assert calls == [('generator', 7), ('tree', 0.3, 10., 7, True)]
+
+
+def test_ve_noise_samplers_refuse_flow_models(monkeypatch):
+    class CONST:
+        pass
+    monkeypatch.setitem(__import__('sys').modules, 'comfy.model_sampling', types.SimpleNamespace(CONST=CONST))
+    x, sigmas, main = setup()
+    guider = RoleGuider(main=STRONG, strong=STRONG, weak=WEAK)
+    guider.inner_model = types.SimpleNamespace(model_sampling=CONST())
+    with pytest.raises(ValueError, match='flow'):
+        core.sample('euler_ancestral', Inpaint(guider), x, sigmas, main)
+    assert torch.isfinite(core.sample('euler', Inpaint(guider), x, sigmas, main, disable=True)).all()
