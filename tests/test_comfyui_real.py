@@ -215,11 +215,13 @@ def test_an_interrupt_from_the_callback_stops_sampling(setup):
     assert steps == [0, 1]
 
 
-def test_pack_loads_the_way_comfyui_loads_custom_nodes(tmp_path):
-    """A link in custom_nodes/, the library not installed: the pack finds the checkout it lives in."""
+@pytest.mark.parametrize('linked', ['wrappers/comfyui', '.'])
+def test_pack_loads_the_way_comfyui_loads_custom_nodes(tmp_path, linked):
+    """A link to the pack, or a clone of the whole repository, in custom_nodes/ with the library not installed:
+    the pack finds the checkout it lives in."""
     import pathlib
     import subprocess
-    pack = pathlib.Path(__file__).parents[1] / 'wrappers' / 'comfyui'
+    pack = (pathlib.Path(__file__).parents[1] / linked).resolve()
     (tmp_path / 'w2sd_nodes').symlink_to(pack, target_is_directory=True)
     # nodes.load_custom_node's import, without importing nodes.py (which needs ComfyUI's full requirements)
     script = f'''
