@@ -35,6 +35,9 @@ def configure(p):
     p.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
                    help='overhead suite: UNet dtype')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.add_argument('--from-json', action='store_true',
+                   help='rewrite the tables and NFE plots of the quality suites from their saved <suite>.json '
+                        'without sampling (other plots and the overhead section are kept)')
 
 
 def main(args):
@@ -42,14 +45,22 @@ def main(args):
     (out / 'sections').mkdir(parents=True, exist_ok=True)
     suites = SUITES if args.suite == 'all' else (args.suite,)
     for name in suites:
+        section = out / 'sections' / f'{name}.md'
+        if args.from_json and (name == 'overhead' or not section.exists()):
+            continue
         start = time.perf_counter()
         text = RUNNERS[name](args, out)
         took = time.perf_counter() - start
-        cmd = 'w2sd bench ' + ' '.join(sys.argv[sys.argv.index('bench') + 1:] if 'bench' in sys.argv else sys.argv[1:])
-        text += (f'\n_Command: `{cmd.strip()}` (suite {name}); wall time {took / 60:.1f} min on '
-                 f'{platform.machine()} with {torch.get_num_threads()} torch threads, '
-                 f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._\n')
-        (out / 'sections' / f'{name}.md').write_text(text)
+        if args.from_json:              # keep the footer of the run that produced the numbers
+            footer = [line for line in section.read_text().splitlines() if line.startswith('_Command:')]
+            text += '\n' + '\n'.join(footer) + '\n'
+        else:
+            cmd = 'w2sd bench ' + ' '.join(sys.argv[sys.argv.index('bench') + 1:] if 'bench' in sys.argv
+                                           else sys.argv[1:])
+            text += (f'\n_Command: `{cmd.strip()}` (suite {name}); wall time {took / 60:.1f} min on '
+                     f'{platform.machine()} with {torch.get_num_threads()} torch threads, '
+                     f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._\n')
+        section.write_text(text)
     write_results(out, quick=args.quick)
     return 0
 
@@ -65,16 +76,20 @@ def write_results(out, quick):
     (out / 'RESULTS.md').write_text('\n'.join(parts))
 
 
-def _run_quality(suite, out, progress):
+def _run_quality(suite, out, progress, from_json=False):
     from tqdm.auto import tqdm
     from .harness import Runner
+    if from_json:
+        saved = json.loads((out / f'{suite.name}.json').read_text())
+        return None, {p: {(k.split('/T=')[0], int(k.split('/T=')[1])): _from_jsonable(r) for k, r in v.items()}
+                      for p, v in saved.items()}
     runner = Runner(suite)
     results = {}
     jobs = [(p, sampler, t) for p in suite.pairs for sampler in suite.samplers for t in suite.steps]
     for p, sampler, t in tqdm(jobs, desc=suite.name, disable=not progress):
         results.setdefault(p.name, {})[sampler, t] = runner.compare(p, sampler, t)
     dump = {p: {f'{s}/T={t}': _jsonable(r) for (s, t), r in v.items()} for p, v in results.items()}
-    (out / f'{suite.name}.json').write_text(json.dumps(dump, indent=1))
+    (out / f'{suite.name}.json').write_text(json.dumps(dump, separators=(',', ':')))
     return runner, results
 
 
@@ -83,6 +98,13 @@ def _jsonable(r):
         return {k: _jsonable(v) for k, v in r.items()}
     return {'method': r.method, 'steps': r.steps, 'params': r.params, 'nfe': r.nfe, 'values': r.values,
             'means': r.means}
+
+
+def _from_jsonable(r):
+    from .harness import Result
+    if 'method' in r:
+        return Result(**r)
+    return {k: _from_jsonable(v) for k, v in r.items()}
 
 
 def gmm_suite(quick):
@@ -103,9 +125,12 @@ def gmm_suite(quick):
 def run_gmm(args, out):
     from . import report
     suite = gmm_suite(args.quick)
-    runner, results = _run_quality(suite, out, not args.no_progress)
+    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
     report.plot_quality_vs_nfe(suite, results, out / 'gmm_quality_vs_nfe.png')
     text = report.quality_section(suite, results, 'Gaussian mixtures (exact denoisers, known ideal)')
+    links = '\n![quality against NFE](gmm_quality_vs_nfe.png)\n\n![2-D point clouds](gmm_points_2d_missing.png)\n'
+    if runner is None:
+        return text + links
     pair = next(p for p in suite.pairs if p.name == '2d-missing')
     t = suite.steps[len(suite.steps) // 2]
     variants = results[pair.name]['euler', t]['variants']
@@ -121,8 +146,7 @@ def run_gmm(args, out):
     panels.append(('ideal (exact samples)', pair.ideal.sample(suite.n_eval, torch.Generator().manual_seed(0))))
     report.plot_panels(panels, out / 'gmm_points_2d_missing.png',
                        f'2d-missing, euler T={t}: weak lacks the (-4,-4) mode', 'points')
-    return text + ('\n![quality against NFE](gmm_quality_vs_nfe.png)\n\n'
-                   '![2-D point clouds](gmm_points_2d_missing.png)\n')
+    return text + links
 
 
 def digits_suite(args):
@@ -147,9 +171,17 @@ def run_digits(args, out):
     from . import digits, report
     suite, metric, classifier = digits_suite(args)
     floor = metric.floor()
-    runner, results = _run_quality(suite, out, not args.no_progress)
+    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
     report.plot_quality_vs_nfe(suite, results, out / 'digits_quality_vs_nfe.png')
     text = report.quality_section(suite, results, 'Handwritten digits (small denoisers trained on CPU)')
+    head = (f'Data: scikit-learn `load_digits` (UCI Optical Recognition of Handwritten Digits, Alpaydin & Kaynak '
+            f'1998, CC BY 4.0), {digits.N_HELD_OUT} held out as the reference. Classifier held-out accuracy '
+            f'{digits.classifier_accuracy(classifier):.3f}. Floor (real training digits against the held-out ones): '
+            + ', '.join(f'{k} {report._fmt(v)}' for k, v in floor.items()) + '.\n\n')
+    text = text.replace('\n\n', '\n\n' + head, 1)
+    links = '\n![quality against NFE](digits_quality_vs_nfe.png)\n\n![digit samples](digits_grid.png)\n'
+    if runner is None:
+        return text + links
     pair, t = suite.pairs[0], suite.steps[len(suite.steps) // 2]
     variants = results[pair.name]['euler', t]['variants']
     seed, n = suite.eval_seeds[0], suite.n_eval
@@ -162,13 +194,9 @@ def run_digits(args, out):
     panels += [(f'strong, {strong_nfe} steps', runner.sample(pair, 'euler', 'strong', strong_nfe, {}, seed, n)[0]),
                (f'autoguidance w={ag.params["w"]:g}, {ag.steps} steps',
                 runner.sample(pair, 'euler', 'autoguidance', ag.steps, ag.params, seed, n)[0])]
-    report.plot_panels(panels, out / 'digits_grid.png', f'{pair.name}, euler (NFE-matched baselines: those of W2SD next)', 'digits')
-    head = (f'Data: scikit-learn `load_digits` (UCI Optical Recognition of Handwritten Digits, Alpaydin & Kaynak '
-            f'1998, CC BY 4.0), {digits.N_HELD_OUT} held out as the reference. Classifier held-out accuracy '
-            f'{digits.classifier_accuracy(classifier):.3f}. Floor (real training digits against the held-out ones): '
-            + ', '.join(f'{k} {report._fmt(v)}' for k, v in floor.items()) + '.\n\n')
-    text = text.replace('\n\n', '\n\n' + head, 1)
-    return text + '\n![quality against NFE](digits_quality_vs_nfe.png)\n\n![digit samples](digits_grid.png)\n'
+    report.plot_panels(panels, out / 'digits_grid.png',
+                       f'{pair.name}, euler (the NFE-matched baselines are those of W2SD next)', 'digits')
+    return text + links
 
 
 def run_overhead(args, out):

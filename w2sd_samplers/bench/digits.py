@@ -2,7 +2,9 @@
 
 Data: ``data/digits.npz`` is ``sklearn.datasets.load_digits()`` (1797 images, pixel values 0..16), a copy of the
 test set of the UCI "Optical Recognition of Handwritten Digits" data set (E. Alpaydin, C. Kaynak, 1998;
-https://archive.ics.uci.edu/dataset/80, CC BY 4.0). 600 images are held out as the reference; the rest train.
+https://archive.ics.uci.edu/dataset/80, CC BY 4.0), written once with
+``d = load_digits(); np.savez_compressed(path, images=d.images.astype(np.uint8), target=d.target.astype(np.uint8))``.
+600 images are held out as the reference; the rest train.
 
 Models: a strong MLP denoiser with Karras et al.'s preconditioning (``k_diffusion.layers.Denoiser``), and two weak
 ones: the strong model's early checkpoint and a small model. A classifier (64-256-64-10) supplies the 64-d

@@ -114,11 +114,14 @@ def time_per_nfe(size='tiny', steps=10, batch=1, device='cpu', dtype=torch.float
 
     rows = []
     with torch.no_grad():
-        bare(2)                                                # warm-up
+        bare(2)
         for name in tqdm(samplers or list(sampling.SAMPLERS), desc='overhead', disable=not progress):
             counter = CallCounter()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
+                # untimed warm-up: the first run of a code path pays one-off costs (lazy imports, allocator)
+                sampling.SAMPLERS[name](model, x * sigmas[0], sigmas[-3:], extra_args=cond, disable=True,
+                                        weak=model, weak_extra_args=weak_cond)
                 _sync(device)
                 start = time.perf_counter()
                 sampling.SAMPLERS[name](counter.wrap(model, 'main'), x * sigmas[0], sigmas, extra_args=cond,

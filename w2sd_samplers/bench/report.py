@@ -24,11 +24,15 @@ def _ratio(a, b):
     return ma / mb if mb > 0 else float('nan')
 
 
-def _cmp(a, b):
-    """'×0.52 (p=0.003)' for a against b (the difference of means when the ratio is undefined), paired t-test."""
+def _rel(a, b):
+    """'×0.52', or the difference of means 'Δ+0.012' when the ratio is undefined."""
     r = _ratio(a, b)
-    diff = statistics.fmean(a.values) - statistics.fmean(b.values)
-    return f'{f"×{r:.2f}" if r == r else f"Δ{diff:+.2g}"} (p={paired_p(a.values, b.values):.2g})'
+    return f'×{r:.2f}' if r == r else f'Δ{statistics.fmean(a.values) - statistics.fmean(b.values):+.2g}'
+
+
+def _cmp(a, b):
+    """'×0.52 (p=0.003)' for a against b, with the paired t-test."""
+    return f'{_rel(a, b)} (p={paired_p(a.values, b.values):.2g})'
 
 
 def _median(values):
@@ -80,7 +84,7 @@ def quality_section(suite, results, header):
         for sampler in s.samplers:
             for t in s.steps:
                 for v, c in results[p.name][sampler, t]['variants'].items():
-                    tag = f'{v}/{sampler}/T={t} ×{_ratio(c["w2sd"], c["strong_nfe"]):.2f}'
+                    tag = f'{v}/{sampler}/T={t} {_rel(c["w2sd"], c["strong_nfe"])}'
                     {1: helps, -1: hurts, 0: []}[verdict(c['w2sd'], c['strong_nfe'])].append(tag)
         out.append(f'- **{p.name}** ({p.note}): helps in {len(helps)}, hurts in {len(hurts)} of '
                    f'{len(s.samplers) * len(s.steps) * len(s.variants)} settings.'
@@ -150,7 +154,11 @@ def plot_quality_vs_nfe(suite, results, path, sampler=None):
                       for c in results[p.name][sampler, t]['variants'].values()})
         ax.plot(*zip(*pts), 's:', color='C7', label='autoguidance')
         ax.set_xscale('log')
-        ax.set_yscale('symlog', linthresh=1e-3) if suite.primary == 'energy' else ax.set_yscale('log')
+        if suite.primary == 'energy':      # the unbiased estimate can dip below 0 at the noise floor
+            ax.set_yscale('symlog', linthresh=1e-3)
+            ax.set_ylim(bottom=-1e-3)
+        else:
+            ax.set_yscale('log')
         ax.set_title(p.name, fontsize=9)
         ax.set_xlabel('NFE')
         ax.set_ylabel(suite.primary)
