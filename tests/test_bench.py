@@ -163,6 +163,9 @@ def test_bench_cli_quick_gmm_writes_results(tmp_path):
     assert '## Gaussian mixtures' in text and '2d-missing' in text and 'Quick mode' in text
     for png in ('gmm_quality_vs_nfe.png', 'gmm_points_2d_missing.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+    # the tables re-rendered from the saved per-seed JSON are the same
+    args = parser.parse_args(['bench', 'gmm', '--quick', '--out', str(tmp_path), '--from-json'])
+    assert args.func(args) == 0 and (tmp_path / 'RESULTS.md').read_text() == text
 
 
 def test_overhead_counts_unet_passes_and_lora_bytes():
@@ -179,3 +182,10 @@ def test_overhead_counts_unet_passes_and_lora_bytes():
     assert targets and lora == sum(4 * (m.in_features + m.out_features) * 4 for m in targets)
     rows = overhead.time_per_nfe('tiny', steps=3, samplers=['euler'], progress=False)
     assert rows[0][:2] == ('euler', 3 + 2 * 2) and rows[0][3] > 0
+
+
+def test_overhead_runs_sdxl_style_conditioning():
+    from w2sd_samplers.bench import overhead
+    assert overhead.unet_passes('tiny-xl', 3, 2) == (6, 6 + 2 * 2)
+    rows = overhead.time_per_nfe('tiny-xl', steps=2, samplers=['dpmpp_2m'], progress=False)
+    assert rows[0][:2] == ('dpmpp_2m', 2 + 2)

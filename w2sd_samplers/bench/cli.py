@@ -13,7 +13,6 @@ import time
 import torch
 
 SUITES = ('gmm', 'digits', 'overhead')
-SECTION_ORDER = ('gmm', 'digits', 'overhead')
 
 
 def add_parser(subparsers):
@@ -29,7 +28,7 @@ def configure(p):
     p.add_argument('--quick', action='store_true', help='tiny configuration for CI smoke runs (about a minute)')
     p.add_argument('--out', default='benchmarks', help='output folder for RESULTS.md and plots (default: benchmarks)')
     p.add_argument('--cache', default=None, help='folder for trained digit models (default: <out>/cache)')
-    p.add_argument('--unet', default='tiny', choices=('tiny', 'sd15', 'sdxl'),
+    p.add_argument('--unet', default='tiny', choices=('tiny', 'tiny-xl', 'sd15', 'sdxl'),
                    help='overhead suite: UNet size (sd15/sdxl: random weights at full size, for a GPU)')
     p.add_argument('--device', default='cpu', help='overhead suite: torch device (e.g. cuda)')
     p.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
@@ -45,7 +44,9 @@ def main(args):
     (out / 'sections').mkdir(parents=True, exist_ok=True)
     suites = SUITES if args.suite == 'all' else (args.suite,)
     for name in suites:
-        section = out / 'sections' / f'{name}.md'
+        # one overhead section per UNet and device, so a GPU run adds to the CPU one
+        key = f'overhead-{args.unet}-{torch.device(args.device).type}' if name == 'overhead' else name
+        section = out / 'sections' / f'{key}.md'
         if args.from_json and (name == 'overhead' or not section.exists()):
             continue
         start = time.perf_counter()
@@ -69,8 +70,8 @@ def write_results(out, quick):
     parts = ['# W2SD benchmark results', '',
              'Written by `w2sd bench` (see the README\'s Benchmarks section); every number below comes from the '
              'library\'s own samplers. ' + ('**Quick mode: smoke-test sizes, not results.**' if quick else ''), '']
-    for name in SECTION_ORDER:
-        f = out / 'sections' / f'{name}.md'
+    sections = out / 'sections'
+    for f in [sections / 'gmm.md', sections / 'digits.md'] + sorted(sections.glob('overhead-*.md')):
         if f.exists():
             parts.append(f.read_text())
     (out / 'RESULTS.md').write_text('\n'.join(parts))

@@ -1,7 +1,7 @@
 """Overhead and scale: wall time per NFE of every W2SD sampler against bare denoiser calls, UNet passes per image
 at the paper's settings, and the parameter memory of a LoRA pair against its base model.
 
-Runs a random-weight ``diffusers.UNet2DConditionModel`` built from a config: 'tiny' (CPU, CI), or 'sd15' / 'sdxl'
+Runs a random-weight ``diffusers.UNet2DConditionModel`` built from a config: 'tiny' or 'tiny-xl' (CPU, CI), or 'sd15' / 'sdxl'
 (the real architectures' sizes, for a GPU: ``w2sd bench overhead --unet sdxl --device cuda --dtype float16``).
 """
 import time
@@ -17,6 +17,13 @@ UNETS = {
                  down_block_types=('CrossAttnDownBlock2D', 'DownBlock2D'),
                  up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D'), cross_attention_dim=32, attention_head_dim=4,
                  norm_num_groups=16),
+    # SDXL's conditioning (pooled text embedding and size ids through 'text_time') at tiny size, for CI
+    'tiny-xl': dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D'),
+                    up_block_types=('CrossAttnUpBlock2D', 'UpBlock2D'), transformer_layers_per_block=(1, 2),
+                    cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16, use_linear_projection=True,
+                    addition_embed_type='text_time', addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=16 + 6 * 8),
     'sd15': dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
     'sdxl': dict(sample_size=128, block_out_channels=(320, 640, 1280),
                  down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'),
