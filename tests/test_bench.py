@@ -150,6 +150,10 @@ def test_digits_data_and_cached_models(tmp_path, monkeypatch):
         assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     strong, early = first[0], first[1]
     assert not torch.equal(strong.inner_model.net[0].weight, early.inner_model.net[0].weight)
+    # with the strong model cached, the early checkpoint is rebuilt by replaying the strong run to the snapshot
+    next(tmp_path.glob('digits-early-*.safetensors')).unlink()
+    replayed = digits.models(tmp_path, quick=True)[1]
+    assert all(torch.equal(p, q) for p, q in zip(early.state_dict().values(), replayed.state_dict().values()))
     out = strong(xh[:4], torch.full([4], 0.5))
     assert out.shape == (4, 64) and torch.isfinite(out).all()
 

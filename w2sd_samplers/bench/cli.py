@@ -137,7 +137,7 @@ def run_gmm(args, out):
     variants = results[pair.name]['euler', t]['variants']
     panels = [(m, runner.sample(pair, 'euler', m, t, {}, suite.eval_seeds[0], suite.n_eval)[0])
               for m in ('strong', 'weak')]
-    panels += [(f'W2SD {v} ({report._settings(variants[v]["w2sd"])})',
+    panels += [(f'W2SD {v} ({report.settings(variants[v]["w2sd"])})',
                 runner.sample(pair, 'euler', 'w2sd', t, variants[v]['w2sd'].params, suite.eval_seeds[0],
                               suite.n_eval)[0]) for v in ('paper', 'next', 'anchored')]
     ag = variants['next']['ag']
@@ -178,7 +178,7 @@ def run_digits(args, out):
     head = (f'Data: scikit-learn `load_digits` (UCI Optical Recognition of Handwritten Digits, Alpaydin & Kaynak '
             f'1998, CC BY 4.0), {digits.N_HELD_OUT} held out as the reference. Classifier held-out accuracy '
             f'{digits.classifier_accuracy(classifier):.3f}. Floor (real training digits against the held-out ones): '
-            + ', '.join(f'{k} {report._fmt(v)}' for k, v in floor.items()) + '.\n\n')
+            + ', '.join(f'{k} {report.fmt(v)}' for k, v in floor.items()) + '.\n\n')
     text = text.replace('\n\n', '\n\n' + head, 1)
     links = '\n![quality against NFE](digits_quality_vs_nfe.png)\n\n![digit samples](digits_grid.png)\n'
     if runner is None:
@@ -189,7 +189,7 @@ def run_digits(args, out):
     ag, strong_nfe = variants['next']['ag'], variants['next']['strong_nfe'].nfe
     panels = [('held-out digits', digits.load('held_out')[0]),
               (f'strong, {t} steps', runner.sample(pair, 'euler', 'strong', t, {}, seed, n)[0])]
-    panels += [(f'W2SD {v} ({report._settings(variants[v]["w2sd"])})',
+    panels += [(f'W2SD {v} ({report.settings(variants[v]["w2sd"])})',
                 runner.sample(pair, 'euler', 'w2sd', t, variants[v]['w2sd'].params, seed, n)[0])
                for v in ('paper', 'next', 'anchored')]
     panels += [(f'strong, {strong_nfe} steps', runner.sample(pair, 'euler', 'strong', strong_nfe, {}, seed, n)[0]),

@@ -72,7 +72,9 @@ def _cached(cache_dir, name, config, build, train):
     from safetensors.torch import load_file, save_file
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     path = pathlib.Path(cache_dir) / f'digits-{name}-{key}.safetensors'
-    module = build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)          # the initial weights are part of the configuration
+        module = build()
     if path.exists():
         module.load_state_dict(load_file(path))
     else:
@@ -84,10 +86,11 @@ def _cached(cache_dir, name, config, build, train):
     return module.eval().requires_grad_(False)
 
 
-def _train_denoiser(model, data, steps, seed, snapshot=None, batch=256, lr=2e-3):
-    """Karras et al.'s loss with log-normal sigmas; ``snapshot = (step, fn)`` calls fn(model) after that step."""
+def _train_denoiser(model, data, steps, seed, snapshot_at=None, stop_at_snapshot=False, batch=256, lr=2e-3):
+    """Karras et al.'s loss with log-normal sigmas; returns a copy of the weights after ``snapshot_at`` steps."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    snapshot = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(1, steps + 1):
@@ -98,8 +101,11 @@ def _train_denoiser(model, data, steps, seed, snapshot=None, batch=256, lr=2e-3)
             loss.backward()
             opt.step()
             sched.step()
-            if snapshot is not None and step == snapshot[0]:
-                snapshot[1](model)
+            if step == snapshot_at:
+                snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+                if stop_at_snapshot:
+                    break
+    return snapshot
 
 
 def _train_classifier(model, x, y, epochs=400):
@@ -118,28 +124,28 @@ def models(cache_dir, quick=False):
     x, y = load('train')
     sigma_data = float(x.std())
     scale = 8 if quick else 1
-    strong_cfg = dict(STRONG, steps=STRONG['steps'] // scale, sigma_data=sigma_data, version=1)
-    small_cfg = dict(SMALL, steps=SMALL['steps'] // scale, sigma_data=sigma_data, version=1)
+    strong_cfg = dict(STRONG, steps=STRONG['steps'] // scale, sigma_data=sigma_data, version=2)
+    small_cfg = dict(SMALL, steps=SMALL['steps'] // scale, sigma_data=sigma_data, version=2)
     early_cfg = dict(strong_cfg, early=EARLY_STEP // scale)
 
     def denoiser(cfg):
         return lambda: kd.layers.Denoiser(MLP(cfg['width'], cfg['depth']), sigma_data)
 
-    early_state = {}
+    snapshot = {}
+
     def train_strong(m):
-        _train_denoiser(m, x, strong_cfg['steps'], seed=1, snapshot=(early_cfg['early'], lambda m: early_state.update(
-            {k: v.clone() for k, v in m.state_dict().items()})))
+        snapshot['early'] = _train_denoiser(m, x, strong_cfg['steps'], 1, early_cfg['early'])
     strong = _cached(cache_dir, 'strong', strong_cfg, denoiser(strong_cfg), train_strong)
 
     def train_early(m):
-        if not early_state:            # strong came from the cache: rerun its training up to the snapshot
-            _train_denoiser(m, x, strong_cfg['steps'], seed=1, snapshot=(early_cfg['early'], lambda m: early_state.update(
-                {k: v.clone() for k, v in m.state_dict().items()})))
-        m.load_state_dict(early_state)
+        if 'early' not in snapshot:   # strong came from the cache: replay its run up to the snapshot
+            snapshot['early'] = _train_denoiser(m, x, strong_cfg['steps'], 1, early_cfg['early'],
+                                                stop_at_snapshot=True)
+        m.load_state_dict(snapshot['early'])
     early = _cached(cache_dir, 'early', early_cfg, denoiser(strong_cfg), train_early)
     small = _cached(cache_dir, 'small', small_cfg, denoiser(small_cfg),
                     lambda m: _train_denoiser(m, x, small_cfg['steps'], seed=2))
-    classifier = _cached(cache_dir, 'classifier', dict(epochs=400 // scale, version=1), Classifier,
+    classifier = _cached(cache_dir, 'classifier', dict(epochs=400 // scale, version=2), Classifier,
                          lambda m: _train_classifier(m, x, y, 400 // scale))
     return strong, early, small, classifier
 

@@ -8,13 +8,13 @@ from .stats import mean_ci, paired_p
 ALPHA = 0.05
 
 
-def _fmt(v):
+def fmt(v):
     return f'{v:.3g}' if abs(v) >= 1e-3 or v == 0 else f'{v:.2e}'
 
 
 def _ci(values):
     m, h = mean_ci(values)
-    return f'{_fmt(m)} ± {_fmt(h)}'
+    return f'{fmt(m)} ± {fmt(h)}'
 
 
 def _ratio(a, b):
@@ -37,7 +37,7 @@ def _cmp(a, b):
 
 def _median(values):
     values = [v for v in values if v == v]
-    return _fmt(statistics.median(values)) if values else 'n/a'
+    return fmt(statistics.median(values)) if values else 'n/a'
 
 
 def verdict(a, b):
@@ -47,7 +47,7 @@ def verdict(a, b):
     return 1 if statistics.fmean(a.values) < statistics.fmean(b.values) else -1
 
 
-def _settings(res):
+def settings(res):
     p = res.params
     return f"λ={round(p['lam_frac'] * (res.steps - 1))}, s={p['strength']:g}"
 
@@ -98,7 +98,7 @@ def quality_section(suite, results, header):
                 r = results[p.name][sampler, t]
                 for v, c in r['variants'].items():
                     out.append(f'| {sampler} | {t} | {_ci(r["strong"].values)} | {_ci(r["weak"].values)} | {v} | '
-                               f'{_settings(c["w2sd"])} | {c["w2sd"].nfe} | {_ci(c["w2sd"].values)} | '
+                               f'{settings(c["w2sd"])} | {c["w2sd"].nfe} | {_ci(c["w2sd"].values)} | '
                                f'{_cmp(c["w2sd"], r["strong"])} | {_cmp(c["w2sd"], c["strong_nfe"])} | '
                                f'{_ci(c["ag"].values)} ({c["ag"].params["w"]:g}) | {_cmp(c["w2sd"], c["ag"])} | '
                                f'{_cmp(c["self"], r["strong"])} |')
@@ -123,7 +123,7 @@ def secondary_table(suite, pair, results):
         if name in seen:
             continue
         seen.add(name)
-        out.append(f'| {name} | {res.nfe} | ' + ' | '.join(_fmt(res.means[k]) for k in keys) + ' |')
+        out.append(f'| {name} | {res.nfe} | ' + ' | '.join(fmt(res.means[k]) for k in keys) + ' |')
     return out
 
 
