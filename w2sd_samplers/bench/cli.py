@@ -60,16 +60,17 @@ def main(args):
                                            else sys.argv[1:])
             text += (f'\n_Command: `{cmd.strip()}` (suite {name}); wall time {took / 60:.1f} min on '
                      f'{platform.machine()} with {torch.get_num_threads()} torch threads, '
-                     f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._\n')
+                     f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._'
+                     + (' **Quick mode: smoke-test sizes, not results.**' if args.quick else '') + '\n')
         section.write_text(text)
-    write_results(out, quick=args.quick)
+    write_results(out)
     return 0
 
 
-def write_results(out, quick):
+def write_results(out):
     parts = ['# W2SD benchmark results', '',
-             'Written by `w2sd bench` (see the README\'s Benchmarks section); every number below comes from the '
-             'library\'s own samplers. ' + ('**Quick mode: smoke-test sizes, not results.**' if quick else ''), '']
+             'Written by `w2sd bench` (see [README.md](README.md) here for what is measured); every number below '
+             'comes from the library\'s own samplers.', '']
     sections = out / 'sections'
     for f in [sections / 'gmm.md', sections / 'digits.md'] + sorted(sections.glob('overhead-*.md')):
         if f.exists():
