@@ -78,16 +78,20 @@ def quality_section(suite, results, header):
             out.append(f'| {v} | {sampler} | {med("strong")} | {med("strong_nfe")} | '
                        f'{vs_nfe.count(1)} / {vs_nfe.count(-1)} of {len(cells)} | {med("ag")} | '
                        f'{vs_ag.count(1)} / {vs_ag.count(-1)} of {len(cells)} | {med("strong", "self")} |')
-    out += ['', '### What helps and what hurts (W2SD against strong alone at the same NFE)', '']
+    out += ['', '### What helps and what hurts', '',
+            'Per pair: the settings (variant/sampler/T) where W2SD is significantly better or worse than strong '
+            'alone at the same NFE, with the ratio; then the count against autoguidance at the same NFE.', '']
     for p in s.pairs:
-        helps, hurts = [], []
+        helps, hurts, ag = [], [], []
         for sampler in s.samplers:
             for t in s.steps:
                 for v, c in results[p.name][sampler, t]['variants'].items():
                     tag = f'{v}/{sampler}/T={t} {_rel(c["w2sd"], c["strong_nfe"])}'
                     {1: helps, -1: hurts, 0: []}[verdict(c['w2sd'], c['strong_nfe'])].append(tag)
-        out.append(f'- **{p.name}** ({p.note}): helps in {len(helps)}, hurts in {len(hurts)} of '
-                   f'{len(s.samplers) * len(s.steps) * len(s.variants)} settings.'
+                    ag.append(verdict(c['w2sd'], c['ag']))
+        out.append(f'- **{p.name}** ({p.note}): against strong at the same NFE W2SD helps in {len(helps)} and '
+                   f'hurts in {len(hurts)} of {len(ag)} settings; against autoguidance at the same NFE it is better '
+                   f'in {ag.count(1)} and worse in {ag.count(-1)}.'
                    + (f' Helps: {", ".join(helps)}.' if helps else '') + (f' Hurts: {", ".join(hurts)}.' if hurts else ''))
     for p in s.pairs:
         out += ['', f'### {p.name}', '', p.note, '',
