@@ -165,7 +165,7 @@ def digits_suite(args):
         tune, ev = split_seeds(1, 3)
         grid = [(f, st) for f in (0.3, 0.6, 1.) for st in (0.5, 1.)]
         suite = Suite('digits', pairs, metric, 'fd', ('euler', 'dpmpp_2m', 'euler_ancestral'), (10, 25, 50),
-                      tune, ev, 300, 600, grid, ag_ws=(0.5, 1., 2.))
+                      tune, ev, 300, 600, grid, ag_ws=(0.25, 0.5, 1., 2.))
     return suite, metric, classifier
 
 

@@ -7,8 +7,6 @@ import k_diffusion.sampling as K
 
 from ..sampling import SAMPLERS
 
-SAMPLER_NAMES = ('euler', 'dpmpp_2m', 'euler_ancestral')   # one call per step each: steps = NFE
-
 
 class Pair:
     """A named (strong, weak) pair of denoisers on data of ``shape``; ``ideal`` (optional) is the exact target."""
@@ -63,4 +61,4 @@ W2SD_VARIANTS = {
     'next': (dict(form='paper', weak_sigma='next'), None),
     'anchored': (dict(form='anchored', weak_sigma='current'), None),
 }
-AUTOGUIDANCE_WS = (0.5, 1., 2., 3.)
+AUTOGUIDANCE_WS = (0.25, 0.5, 1., 2., 3.)
