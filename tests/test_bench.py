@@ -1,0 +1,195 @@
+import argparse
+import math
+
+import pytest
+import torch
+
+from w2sd_samplers import toy
+from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, stats
+
+
+def test_seed_split_is_disjoint():
+    tune, ev = stats.split_seeds(3, 5, base=10)
+    assert len(tune) == 3 and len(ev) == 5 and not set(tune) & set(ev)
+    with pytest.raises(ValueError):
+        stats.split_seeds(2, 1)
+
+
+def test_mean_ci_matches_the_t_table():
+    mean, half = stats.mean_ci([1., 2., 3.])
+    assert mean == 2. and half == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)   # t_{0.975, 2} = 4.3027
+
+
+def test_paired_p_sees_a_consistent_shift_and_not_noise():
+    a = [1., 2., 3., 4., 5.]
+    assert stats.paired_p([x + 0.5 + 0.01 * i for i, x in enumerate(a)], a) < 1e-4
+    assert stats.paired_p(a, a) == 1.
+
+
+def _gauss_abs_mean(m, s):
+    """E|Z| for Z ~ N(m, s^2)."""
+    return s * math.sqrt(2 / math.pi) * math.exp(-m * m / (2 * s * s)) + m * math.erf(m / (s * math.sqrt(2)))
+
+
+def test_energy_distance_against_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3000, 1, generator=g), torch.randn(3000, 1, generator=g)
+    assert abs(toy.energy_distance(x, y)) < 0.01
+    d = 1.5
+    exact = 2 * _gauss_abs_mean(d, math.sqrt(2)) - 2 * _gauss_abs_mean(0, math.sqrt(2))
+    assert toy.energy_distance(x, y + d) == pytest.approx(exact, rel=0.05)
+
+
+def test_frechet_against_scipy_and_closed_forms():
+    import scipy.linalg
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
+    c1, c2 = a @ a.T + 0.1 * torch.eye(5), b @ b.T + 0.1 * torch.eye(5)
+    mu1, mu2 = torch.randn(5, generator=g, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    ref = float(((mu1 - mu2) ** 2).sum() + c1.trace() + c2.trace()
+                - 2 * scipy.linalg.sqrtm((c1 @ c2).numpy()).real.trace())
+    assert metrics.frechet_gaussians(mu1, c1, mu2, c2) == pytest.approx(ref, rel=1e-8)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
+    va, vb = torch.tensor([1., 4.]), torch.tensor([9., 1.])
+    exact = 1. + (1 - 3) ** 2 + (2 - 1) ** 2
+    assert metrics.frechet_gaussians([1., 0.], va.diag(), [0., 0.], vb.diag()) == pytest.approx(exact)
+    xa = torch.randn(20000, 2, generator=g) * va.sqrt() + torch.tensor([1., 0.])
+    xb = torch.randn(20000, 2, generator=g) * vb.sqrt()
+    assert metrics.frechet_distance(xa, xb) == pytest.approx(exact, rel=0.05)
+
+
+def test_precision_recall_and_class_balance():
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(300, 4, generator=g)
+    assert metrics.precision_recall(real, real) == (1., 1.)
+    assert metrics.precision_recall(real + 100, real) == (0., 0.)
+    # half of the fake set sits on the data, half far away: precision 1/2, recall 1
+    fake = torch.cat([real[:150], real[:150] + 100])
+    p, r = metrics.precision_recall(fake, real)
+    assert p == 0.5 and r > 0.4
+    labels, ref = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 2])
+    assert metrics.class_balance_tv(labels, ref, 3) == pytest.approx(0.5 * (0.25 + 0.25 + 0.5))
+
+
+def test_gmm_cases_have_the_stated_geometry():
+    cases = {p.name: p for p in gmm.cases()}
+    left = cases['1d-r2'].weak.weights[0]
+    assert float(left) == pytest.approx(1 / (1 + math.exp(-2 * math.log(0.35 / 0.65))))
+    for name, cos in (('2d-aligned', 1.), ('2d-orthogonal', 0.), ('2d-opposite', -1.)):
+        p = cases[name]
+        log = [m.weights.log() - m.weights.log().mean() for m in (p.ideal, p.strong, p.weak)]
+        gap, diff = log[1] - log[0], log[2] - log[1]
+        assert float(torch.cosine_similarity(gap, diff, 0)) == pytest.approx(cos, abs=1e-6)
+    assert len(cases['2d-missing'].weak.means) == 3
+    assert torch.equal(cases['2d-control'].strong.weights, cases['2d-control'].ideal.weights)
+
+
+def _tiny_suite(pairs, samplers=('euler',), steps=(6,)):
+    return harness.Suite('t', pairs, gmm.metric, 'energy', samplers, steps, [0], [1, 2], 48, 64,
+                         [(0.5, 1.), (1., 0.5)], ag_ws=(1., 2.))
+
+
+def test_nfe_is_counted_per_method():
+    pair = gmm.cases()[0]
+    run = harness.Runner(_tiny_suite([pair]))
+    T, lam = 10, 9
+    for sampler in ('euler', 'dpmpp_2m', 'euler_ancestral'):
+        w2sd = dict(lam_frac=1., strength=1., form='paper', weak_sigma='next')
+        assert run.sample(pair, sampler, 'w2sd', T, w2sd, 0, 8)[1] == T + 2 * lam
+        assert run.sample(pair, sampler, 'self-reflection', T, dict(w2sd, lam_frac=0.5), 0, 8)[1] == T + 2 * 4
+        assert run.sample(pair, sampler, 'autoguidance', T, {'w': 1.}, 0, 8)[1] == 2 * T
+        assert run.sample(pair, sampler, 'strong', T, {}, 0, 8)[1] == T
+
+
+def test_w2sd_at_strength_zero_is_strong_and_runs_are_paired():
+    pair = gmm.cases()[3]
+    run = harness.Runner(_tiny_suite([pair]))
+    for sampler in ('euler', 'euler_ancestral'):
+        strong, _ = run.sample(pair, sampler, 'strong', 8, {}, 5, 16)
+        off, _ = run.sample(pair, sampler, 'w2sd', 8, dict(lam_frac=1., strength=0.), 5, 16)
+        assert torch.equal(strong, off)
+        other_seed, _ = run.sample(pair, sampler, 'strong', 8, {}, 6, 16)
+        assert not torch.equal(strong, other_seed)
+
+
+def test_compare_tunes_on_tune_seeds_and_matches_nfe():
+    pair = gmm.cases()[0]
+    suite = _tiny_suite([pair])
+    run = harness.Runner(suite)
+    out = run.compare(pair, 'euler', 6)
+    assert out['strong'].nfe == 6 and len(out['strong'].values) == 2
+    assert out['variants']['paper']['w2sd'].params['lam_frac'] == 1.
+    for name, c in out['variants'].items():
+        w2sd = c['w2sd']
+        if name != 'paper':
+            assert (w2sd.params['lam_frac'], w2sd.params['strength']) in suite.grid
+            best = min(suite.grid, key=lambda g: run.tune_score(pair, 'euler', 'w2sd', 6,
+                                                                dict(w2sd.params, lam_frac=g[0], strength=g[1])))
+            assert (w2sd.params['lam_frac'], w2sd.params['strength']) == best
+        assert c['self'].params == w2sd.params and c['self'].nfe == w2sd.nfe
+        assert c['strong_nfe'].steps == w2sd.nfe == c['strong_nfe'].nfe
+        assert c['ag'].steps == w2sd.nfe // 2 and c['ag'].params['w'] in suite.ag_ws
+    # only tuning-seed runs are scored at n_tune; evaluation uses the disjoint seeds
+    tuned_seeds = {k[5] for k in run._cache if k[6] == suite.n_tune}
+    eval_seeds = {k[5] for k in run._cache if k[6] == suite.n_eval}
+    assert tuned_seeds == set(suite.tune_seeds) and eval_seeds == set(suite.eval_seeds)
+
+
+def test_digits_data_and_cached_models(tmp_path, monkeypatch):
+    x, y = digits.load('train')
+    xh, yh = digits.load('held_out')
+    assert x.shape == (1797 - 600, 64) and xh.shape == (600, 64) and x.min() == -1 and x.max() == 1
+    assert set(y.tolist()) == set(range(10))
+    monkeypatch.setattr(digits, 'STRONG', dict(width=16, depth=1, steps=16))
+    monkeypatch.setattr(digits, 'SMALL', dict(width=8, depth=1, steps=16))
+    monkeypatch.setattr(digits, 'EARLY_STEP', 8)
+    first = digits.models(tmp_path, quick=True)
+    assert len(list(tmp_path.glob('*.safetensors'))) == 4
+    second = digits.models(tmp_path, quick=True)
+    for a, b in zip(first, second):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    strong, early = first[0], first[1]
+    assert not torch.equal(strong.inner_model.net[0].weight, early.inner_model.net[0].weight)
+    # with the strong model cached, the early checkpoint is rebuilt by replaying the strong run to the snapshot
+    next(tmp_path.glob('digits-early-*.safetensors')).unlink()
+    replayed = digits.models(tmp_path, quick=True)[1]
+    assert all(torch.equal(p, q) for p, q in zip(early.state_dict().values(), replayed.state_dict().values()))
+    out = strong(xh[:4], torch.full([4], 0.5))
+    assert out.shape == (4, 64) and torch.isfinite(out).all()
+
+
+def test_bench_cli_quick_gmm_writes_results(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(['bench', 'gmm', '--quick', '--out', str(tmp_path), '--no-progress'])
+    assert args.func(args) == 0
+    text = (tmp_path / 'RESULTS.md').read_text()
+    assert '## Gaussian mixtures' in text and '2d-missing' in text and 'Quick mode' in text
+    for png in ('gmm_quality_vs_nfe.png', 'gmm_points_2d_missing.png'):
+        assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
+    # the tables re-rendered from the saved per-seed JSON are the same
+    args = parser.parse_args(['bench', 'gmm', '--quick', '--out', str(tmp_path), '--from-json'])
+    assert args.func(args) == 0 and (tmp_path / 'RESULTS.md').read_text() == text
+
+
+def test_overhead_counts_unet_passes_and_lora_bytes():
+    from w2sd_samplers.bench import overhead
+    T, lam = 4, 3
+    plain, w2sd = overhead.unet_passes('tiny', T, lam)
+    assert plain == 2 * T                  # CFG: uncond + cond per step
+    assert w2sd == 2 * T + 2 * lam         # reflection legs at CFG 1: one pass each
+    base, lora = overhead.lora_memory('tiny', rank=4)
+    unet = overhead.build_unet('tiny')
+    assert base == sum(p.numel() * 4 for p in unet.parameters())
+    targets = [m for name, m in unet.named_modules()
+               if any(name.endswith('.' + t) for t in overhead.LORA_TARGETS) and isinstance(m, torch.nn.Linear)]
+    assert targets and lora == sum(4 * (m.in_features + m.out_features) * 4 for m in targets)
+    rows = overhead.time_per_nfe('tiny', steps=3, samplers=['euler'], progress=False)
+    assert rows[0][:2] == ('euler', 3 + 2 * 2) and rows[0][3] > 0
+
+
+def test_overhead_runs_sdxl_style_conditioning():
+    from w2sd_samplers.bench import overhead
+    assert overhead.unet_passes('tiny-xl', 3, 2) == (6, 6 + 2 * 2)
+    rows = overhead.time_per_nfe('tiny-xl', steps=2, samplers=['dpmpp_2m'], progress=False)
+    assert rows[0][:2] == ('dpmpp_2m', 2 + 2)

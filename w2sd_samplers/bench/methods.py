@@ -1,0 +1,64 @@
+"""The methods compared, as a registry: name -> function ``(pair, sampler, x, sigmas, **params) -> samples``.
+
+Every method samples from the same initial noise ``x`` (paired seeds) with a k-diffusion sampler of the given
+name. NFE is not declared here: the harness counts the calls of the pair's denoisers.
+"""
+import k_diffusion.sampling as K
+
+from ..sampling import SAMPLERS
+
+
+class Pair:
+    """A named (strong, weak) pair of denoisers on data of ``shape``; ``ideal`` (optional) is the exact target."""
+
+    def __init__(self, name, strong, weak, shape, ideal=None, note=''):
+        self.name, self.strong, self.weak, self.shape, self.ideal, self.note = name, strong, weak, shape, ideal, note
+
+    def with_denoisers(self, strong, weak, ideal):
+        return Pair(self.name, strong, weak, self.shape, ideal, self.note)
+
+
+def reflected(steps, lam_frac):
+    """The paper's lambda for a fraction of the T - 1 reflectable steps (1.0 = all but the last)."""
+    return round(lam_frac * (steps - 1))
+
+
+def _plain(denoiser):
+    def run(pair, sampler, x, sigmas):
+        return getattr(K, f'sample_{sampler}')(denoiser(pair), x, sigmas, disable=True)
+    return run
+
+
+def _w2sd(self_reflection=False):
+    def run(pair, sampler, x, sigmas, *, lam_frac, strength, form='paper', weak_sigma='current'):
+        weak = pair.strong if self_reflection else pair.weak
+        return SAMPLERS[sampler](pair.strong, x, sigmas, disable=True, weak=weak, strength=strength, form=form,
+                                 weak_sigma=weak_sigma, lam=reflected(len(sigmas) - 1, lam_frac))
+    return run
+
+
+def _autoguidance(pair, sampler, x, sigmas, *, w):
+    # TEMPORARY until w2sd_samplers.guidance lands: switch to guidance.difference_guided(strong, weak, w).
+    def guided(x, sigma, **extra_args):
+        d_s = pair.strong(x, sigma, **extra_args)
+        return d_s + w * (d_s - pair.weak(x, sigma, **extra_args))
+    return getattr(K, f'sample_{sampler}')(guided, x, sigmas, disable=True)
+
+
+METHODS = {
+    'strong': _plain(lambda p: p.strong),
+    'weak': _plain(lambda p: p.weak),
+    'ideal': _plain(lambda p: p.ideal),
+    'w2sd': _w2sd(),
+    'self-reflection': _w2sd(self_reflection=True),
+    'autoguidance': _autoguidance,
+}
+
+# W2SD variants: fixed options and the tuning grid of (lam_frac, strength). 'paper' is the paper's own setting.
+W2SD_VARIANTS = {
+    'paper': (dict(form='paper', weak_sigma='current'), [(1.0, 1.0)]),
+    'paper-tuned': (dict(form='paper', weak_sigma='current'), None),
+    'next': (dict(form='paper', weak_sigma='next'), None),
+    'anchored': (dict(form='anchored', weak_sigma='current'), None),
+}
+AUTOGUIDANCE_WS = (0.25, 0.5, 1., 2., 3.)

@@ -1,0 +1,37 @@
+"""Seed handling and the statistics every table uses: means with 95% t-intervals and paired t-tests."""
+import math
+
+
+def _scipy_stats():
+    try:
+        from scipy import stats
+    except ImportError as e:
+        raise ImportError('the benchmarks need scipy: pip install "w2sd-samplers[bench]"') from e
+    return stats
+
+
+def split_seeds(n_tune, n_eval, base=0):
+    """Disjoint seed lists: hyperparameters are chosen on ``tune`` and reported on ``eval``."""
+    if n_tune < 1 or n_eval < 2:
+        raise ValueError(f'need n_tune >= 1 and n_eval >= 2 (for an interval), got {n_tune} and {n_eval}')
+    tune = list(range(base, base + n_tune))
+    return tune, list(range(base + n_tune, base + n_tune + n_eval))
+
+
+def mean_ci(values, level=0.95):
+    """Mean and the half-width of its two-sided t-interval."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float('nan')
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _scipy_stats().t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+
+
+def paired_p(a, b):
+    """Two-sided paired t-test p-value of ``a`` against ``b`` (same seeds, same order)."""
+    if len(a) != len(b):
+        raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
+    if all(x == y for x, y in zip(a, b)):
+        return 1.
+    return float(_scipy_stats().ttest_rel(a, b).pvalue)
