@@ -108,6 +108,8 @@ def build_parser():
     p.set_defaults(func=demo)
     from .diffusers import add_parser as add_generate_parser
     add_generate_parser(sub)
+    from .bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
