@@ -5,6 +5,7 @@ name. NFE is not declared here: the harness counts the calls of the pair's denoi
 """
 import k_diffusion.sampling as K
 
+from .. import guidance, pairs
 from ..sampling import SAMPLERS
 
 
@@ -38,10 +39,7 @@ def _w2sd(self_reflection=False):
 
 
 def _autoguidance(pair, sampler, x, sigmas, *, w):
-    # TEMPORARY until w2sd_samplers.guidance lands: switch to guidance.difference_guided(strong, weak, w).
-    def guided(x, sigma, **extra_args):
-        d_s = pair.strong(x, sigma, **extra_args)
-        return d_s + w * (d_s - pair.weak(x, sigma, **extra_args))
+    guided = guidance.difference_guidance(pairs.weights(pair.strong, pair.weak), w)
     return getattr(K, f'sample_{sampler}')(guided, x, sigmas, disable=True)
 
 
