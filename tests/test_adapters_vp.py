@@ -275,13 +275,13 @@ def test_dtype_handling_and_schedules():
 
 
 def test_adapters_say_which_extra_to_install(monkeypatch):
-    for name in [m for m in sys.modules if m.startswith('w2sd_samplers.adapters.') or m == 'w2sd_samplers.diffusers']:
+    for name in [m for m in sys.modules if m.startswith('w2sd_samplers.adapters.') or m == 'w2sd_samplers.generate']:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, 'diffusers', None)
     import w2sd_samplers.adapters as adapters
-    import w2sd_samplers.diffusers as w2sd_diffusers
+    import w2sd_samplers.generate as w2sd_generate
     assert adapters.alphas_cumprod()[0] > 0           # the schedule math needs no diffusers
     with pytest.raises(ImportError, match=r'w2sd-samplers\[diffusers\]'):
         adapters.unet_denoiser(torch.nn.Linear(1, 1), family='sd1')
     with pytest.raises(ImportError, match=r'w2sd-samplers\[diffusers\]'):
-        w2sd_diffusers.generate(object(), 'a prompt')
+        w2sd_generate.generate(object(), 'a prompt')

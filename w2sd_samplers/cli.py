@@ -6,6 +6,10 @@ import time
 import torch
 
 
+class UsageError(Exception):
+    """A user error in a command's options or files: ``main`` prints it as one line (name the flag) and exits 2."""
+
+
 def _demo_runs(args):
     from . import _kdiff, guidance, pairs
     from .nfe import CallCounter
@@ -106,7 +110,7 @@ def build_parser():
     p.add_argument('--samples', type=_positive, default=4000)
     p.add_argument('--plot', metavar='FILE.png', help='draw the point clouds side by side (needs matplotlib)')
     p.set_defaults(func=demo)
-    from .diffusers import add_parser as add_generate_parser
+    from .generate import add_parser as add_generate_parser
     add_generate_parser(sub)
     from .bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -114,8 +118,12 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UsageError as e:
+        parser.exit(2, f'w2sd {args.command}: error: {e}\n')
 
 
 if __name__ == '__main__':
