@@ -310,7 +310,7 @@ def test_missing_diffusers_names_the_extra():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=root)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'w2sd-samplers[diffusers]'" in out.stdout
+    assert 'pip install -e ".[diffusers]"' in out.stdout
 
 
 def test_flow_conversion_matches_closed_form_gaussian_and_drives_stochastic_samplers():

@@ -6,6 +6,12 @@ to seed noise per image. Drawing helpers and noise through the active copy keeps
 """
 import importlib
 import sys
+import warnings
+
+# k-diffusion imports clip-anytorch, whose `from pkg_resources import packaging` warns on every fresh process. The
+# library imports this module before any k_diffusion import of its own, so the filter (that one message from that
+# one module) keeps every `w2sd` command and sampler import quiet.
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning, module='clip')
 
 _override = None
 

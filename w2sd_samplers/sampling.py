@@ -8,6 +8,7 @@ the active k-diffusion copy (``_kdiff``), so host seeds are kept; reflections dr
 """
 import functools
 import inspect
+import warnings
 
 import torch
 from tqdm.auto import trange
@@ -54,9 +55,19 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
 
 
 def _brownian_default(x, sigmas, noise_sampler):
+    if noise_sampler is not None:
+        return noise_sampler
     K = _kdiff.sampling()
     sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()
-    return K.BrownianTreeNoiseSampler(x, sigma_min, sigma_max) if noise_sampler is None else noise_sampler
+    tree = K.BrownianTreeNoiseSampler(x, sigma_min, sigma_max)
+
+    def brownian(sigma, sigma_next):
+        # torchsde rounds the tree's ends to its tolerance (1e-6), so a query at exactly sigma_max lies just past the
+        # end: it warns and clamps, which gives the right noise (k-diffusion's, bit for bit). Only that warning goes.
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Should have t[ab][<>]=t[01]', category=UserWarning)
+            return tree(sigma, sigma_next)
+    return brownian
 
 
 @_w2sd_signature

@@ -69,8 +69,8 @@ def require_diffusers():
     try:
         import diffusers
     except ImportError as e:
-        raise ImportError("this adapter needs diffusers, transformers and peft: "
-                          "pip install 'w2sd-samplers[diffusers]'") from e
+        raise ImportError('this adapter needs diffusers, transformers and peft: pip install "diffusers>=0.40" '
+                          'transformers peft (in a w2sd-samplers checkout: pip install -e ".[diffusers]")') from e
     return diffusers
 
 

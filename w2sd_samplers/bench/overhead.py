@@ -40,7 +40,8 @@ def _diffusers():
     try:
         import diffusers
     except ImportError as e:
-        raise ImportError('the overhead benchmark needs diffusers: pip install "w2sd-samplers[bench,diffusers]"') from e
+        raise ImportError('the overhead benchmark needs diffusers: pip install "diffusers>=0.40" peft (in a '
+                          'w2sd-samplers checkout: pip install -e ".[bench]")') from e
     return diffusers
 
 
@@ -165,7 +166,8 @@ def lora_memory(size='tiny', rank=4):
     try:
         from peft import LoraConfig
     except ImportError as e:
-        raise ImportError('the LoRA memory benchmark needs peft: pip install "w2sd-samplers[bench,diffusers]"') from e
+        raise ImportError('the LoRA memory benchmark needs peft: pip install peft (in a w2sd-samplers checkout: '
+                          'pip install -e ".[bench]")') from e
     with torch.device('meta'):
         unet = _diffusers().UNet2DConditionModel(**UNETS[size])
         base = sum(p.numel() * p.element_size() for p in unet.parameters())

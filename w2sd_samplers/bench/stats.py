@@ -6,7 +6,8 @@ def _scipy_stats():
     try:
         from scipy import stats
     except ImportError as e:
-        raise ImportError('the benchmarks need scipy: pip install "w2sd-samplers[bench]"') from e
+        raise ImportError('the benchmarks need scipy: pip install scipy (in a w2sd-samplers checkout: '
+                          'pip install -e ".[bench]")') from e
     return stats
 
 
