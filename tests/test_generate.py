@@ -12,6 +12,7 @@ transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
 from test_adapters_vp import ddim, tiny_sd_unet, tiny_sdxl_unet  # noqa: E402
+from w2sd_samplers.cli import UsageError  # noqa: E402
 from w2sd_samplers.generate import add_parser, family, generate, main  # noqa: E402
 
 PROMPT = 'a cat'
@@ -189,7 +190,7 @@ def test_cli_generates_from_a_local_folder_and_reports_bad_folders(tmp_path):
                               '--weak-cfg', '1', '--out', str(out), '--no-progress', '--device', 'cpu',
                               '--dtype', 'float32'])
     assert args.func(args) == [str(out)] and out.stat().st_size > 0
-    for folder, message in ((tmp_path / 'nope', 'does not exist'), (tmp_path, 'no model_index.json')):
+    for folder, message in ((tmp_path / 'nope', 'no such folder'), (tmp_path, 'no model_index.json')):
         args = parser.parse_args(['generate', str(folder), '--prompt', PROMPT, '--device', 'cpu'])
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(UsageError, match=message):
             main(args)
