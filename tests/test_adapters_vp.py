@@ -281,7 +281,7 @@ def test_adapters_say_which_extra_to_install(monkeypatch):
     import w2sd_samplers.adapters as adapters
     import w2sd_samplers.generate as w2sd_generate
     assert adapters.alphas_cumprod()[0] > 0           # the schedule math needs no diffusers
-    with pytest.raises(ImportError, match=r'w2sd-samplers\[diffusers\]'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
         adapters.unet_denoiser(torch.nn.Linear(1, 1), family='sd1')
-    with pytest.raises(ImportError, match=r'w2sd-samplers\[diffusers\]'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
         w2sd_generate.generate(object(), 'a prompt')
