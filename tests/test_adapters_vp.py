@@ -41,9 +41,10 @@ def sdxl_cond(batch, seed):
 
 
 def ddim(beta_schedule='scaled_linear', **kw):
-    """diffusers' DDIM on the SD / AnimateDiff betas, without x0 clipping (k-diffusion's Euler never clips)."""
-    return diffusers.DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, steps_offset=1, **kw)
+    """diffusers' DDIM on the SD / AnimateDiff betas as SD/SDXL ship it (set_alpha_to_one=False: the last step
+    lands on abar_0), without x0 clipping (k-diffusion's Euler never clips)."""
+    return diffusers.DDIMScheduler(**{'beta_schedule': beta_schedule, 'beta_start': 0.00085, 'beta_end': 0.012,
+                                      'clip_sample': False, 'steps_offset': 1, 'set_alpha_to_one': False, **kw})
 
 
 def ddim_reference(scheduler, net, latents, steps=STEPS):
@@ -57,9 +58,10 @@ def ddim_reference(scheduler, net, latents, steps=STEPS):
 def ours(denoiser, scheduler, latents, extra_args, steps=STEPS):
     """k-diffusion Euler with our adapter on the scheduler's timestep grid, mapped back to diffusers' latents."""
     scheduler.set_timesteps(steps)
-    sigmas = timestep_sigmas(denoiser, scheduler.timesteps)
+    sigmas = timestep_sigmas(denoiser, scheduler.timesteps, 0. if scheduler.config.set_alpha_to_one else 'alpha0')
     x = latents * (1 + sigmas[0] ** 2).sqrt()     # the VP pure-noise latent in VE coordinates
-    return K.sample_euler(denoiser, x, sigmas, extra_args=extra_args, disable=True)
+    x = K.sample_euler(denoiser, x, sigmas, extra_args=extra_args, disable=True)
+    return x / (1 + sigmas[-1] ** 2).sqrt()
 
 
 def rel(a, b):

@@ -75,10 +75,11 @@ def assert_restored(model, snap):
 
 
 def record_gates(model):
-    """Forward hooks that record each gate's input and chosen indices."""
-    seen = []
-    hooks = [b.gate.register_forward_hook(lambda m, a, out: seen.append((a[0].reshape(-1, DIM), out[0])))
-             for b in model.blocks]
+    """Hooks that record each gate's input (before any routing hook) and chosen indices."""
+    seen, inputs = [], []
+    hooks = [h for b in model.blocks for h in (
+        b.gate.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, DIM)), prepend=True),
+        b.gate.register_forward_hook(lambda m, a, out: seen.append((inputs.pop(0), out[0]))))]
     return seen, hooks
 
 
