@@ -7,8 +7,9 @@ import torch
 diffusers = pytest.importorskip('diffusers')
 import k_diffusion.sampling as K  # noqa: E402
 
-from w2sd_samplers.adapters import (alphas_cumprod, cogvideox_denoiser, dit_denoiser, ditmoe_denoiser,  # noqa: E402
-                                    schedule, spaced_timesteps, timestep_sigmas, unet_denoiser)
+from w2sd_samplers.adapters import (alphas_cumprod, alphas_cumprod_from_config, cogvideox_denoiser,  # noqa: E402
+                                    dit_denoiser, ditmoe_denoiser, schedule, spaced_timesteps, timestep_sigmas,
+                                    unet_denoiser)
 from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
 
 STEPS = 8
@@ -287,3 +288,11 @@ def test_adapters_say_which_extra_to_install(monkeypatch):
         adapters.unet_denoiser(torch.nn.Linear(1, 1), family='sd1')
     with pytest.raises(ImportError, match=r'w2sd-samplers\[diffusers\]'):
         w2sd_generate.generate(object(), 'a prompt')
+
+
+@pytest.mark.parametrize('config', [dict(beta_schedule='linear', beta_start=0.1, beta_end=1.5),
+                                    dict(beta_schedule='scaled_linear', beta_start=float('nan'), beta_end=0.012),
+                                    dict(trained_betas=[0.1, -0.2, 0.3])])
+def test_betas_that_give_nan_sigmas_are_rejected(config):
+    with pytest.raises(ValueError, match='betas'):
+        alphas_cumprod_from_config(config)
