@@ -96,9 +96,12 @@ def load_lora(path_or_state_dict):
 
 def _json(where, text):
     try:
-        return json.loads(text)
+        config = json.loads(text)
     except ValueError as e:
         raise ValueError(f'{where}: malformed PEFT config, not valid JSON ({e})') from None
+    if not isinstance(config, dict):
+        raise ValueError(f'{where}: the PEFT config must be a JSON object, got {type(config).__name__}')
+    return config
 
 
 def sgm_names(unet):
