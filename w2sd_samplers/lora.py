@@ -269,10 +269,21 @@ def check_scale(name, scale):
     return float(scale)
 
 
-def call_in_context(var, value, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a copy of the current context where ``var`` is ``value``."""
+@contextlib.contextmanager
+def context_entry(var, key, value):
+    """Inside the block, the dict in the context variable ``var`` maps ``key`` to ``value`` (this thread/task)."""
+    token = var.set({**var.get(), key: value})
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def call_in_context(var, key, value, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a copy of the current context where ``var``'s dict maps ``key`` to ``value``:
+    nothing to reset afterwards, whatever interrupts the call."""
     def call():
-        var.set(value)
+        var.set({**var.get(), key: value})
         return fn(*args, **kwargs)
     return contextvars.copy_context().run(call)
 
@@ -433,17 +444,13 @@ class SwitchableLoRA:
     def scale(self, scale):
         """``with sl.scale(s):`` runs the block at LoRA scale s in this thread/task only; the previous scale is
         back on exit, errors and interrupts included."""
-        token = _SCALES.set({**_SCALES.get(), self: _row_scales(scale)})
-        try:
+        with context_entry(_SCALES, self, _row_scales(scale)):
             yield self
-        finally:
-            _SCALES.reset(token)
 
     def run(self, scale, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` with the LoRA at ``scale`` (a number, or one per batch row), in a copy of the
         current context: nothing to reset afterwards, whatever interrupts the call."""
-        scales = {**_SCALES.get(), self: _row_scales(scale)}
-        return call_in_context(_SCALES, scales, fn, *args, **kwargs)
+        return call_in_context(_SCALES, self, _row_scales(scale), fn, *args, **kwargs)
 
     def remove(self):
         """Detach every branch; the module is then exactly as before. Safe to call twice."""

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .lora import call_in_context
+from .lora import call_in_context, context_entry
 
 MODES = ('top', 'bottom')
 K_ATTRIBUTES = ('top_k', 'num_experts_per_tok')
@@ -148,19 +148,14 @@ class ExpertRouting:
     def mode(self, mode):
         """``with routing.mode('bottom'):`` routes every gate to its bottom-k experts inside the block, in this
         thread/task only ('top': the usual routing); modes nest and are back as they were on exit."""
-        token = _MODES.set({**_MODES.get(), self: _check_mode(mode)})
-        try:
-            with self._k():
-                yield self
-        finally:
-            _MODES.reset(token)
+        with context_entry(_MODES, self, _check_mode(mode)), self._k():
+            yield self
 
     def run(self, mode, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` routed by ``mode`` ('top', 'bottom', or one per batch row), in a copy of the
         current context: nothing to reset afterwards, whatever interrupts the call."""
-        modes = {**_MODES.get(), self: _check_mode(mode)}
         with self._k():
-            return call_in_context(_MODES, modes, fn, *args, **kwargs)
+            return call_in_context(_MODES, self, _check_mode(mode), fn, *args, **kwargs)
 
     def remove(self):
         """Detach the gate hooks; the model is then exactly as before. Safe to call twice."""
