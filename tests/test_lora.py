@@ -543,3 +543,34 @@ def test_malformed_peft_configs_are_value_errors_naming_the_file(tmp_path, tiny)
     (folder / 'adapter_config.json').write_text('[1, 2]')
     with pytest.raises(ValueError, match='adapter_config.json.*must be a JSON object'):
         load_lora(folder)
+
+
+@pytest.mark.parametrize('family', ['sdxl', 'animatediff', 'flux'])
+def test_batched_legs_at_two_scales_equal_separate_calls_on_diffusers_models(family):
+    # Per-row scales rely on every target layer seeing batch rows as contiguous blocks: checked on every Linear of
+    # real architectures (attention, motion modules, time and text embeddings).
+    pytest.importorskip('diffusers')
+    from test_adapters_vp import sdxl_cond, tiny_animatediff, tiny_sdxl_unet
+    from w2sd_samplers.adapters import unet_denoiser
+    from w2sd_samplers.pairs import SharedCFG
+    if family == 'flux':
+        from test_adapters_flow import tiny_flux
+        net, den, x, (cond, _), shared = tiny_flux()
+    else:
+        net = tiny_sdxl_unet() if family == 'sdxl' else tiny_animatediff()
+        den = unet_denoiser(net, family=family)
+        cond, shared = sdxl_cond(2, 1) if family == 'sdxl' else {'encoder_hidden_states': torch.randn(2, 5, 32)}, {}
+        x = torch.randn(2, 4, 3, 8, 8) if family == 'animatediff' else torch.randn(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    state = {f'{name}.lora_{p}.weight': torch.randn(*shape, generator=g) * 0.2
+             for name, m in net.named_modules() if isinstance(m, nn.Linear)
+             for p, shape in (('A', (2, m.in_features)), ('B', (m.out_features, 2)))}
+    sl = SwitchableLoRA(net, state)
+    sigma = torch.full([2], 3.)
+    with torch.no_grad():
+        legs = [dict(cond=cond, uncond=None, cond_scale=1., variant=s, **shared) for s in (0.8, -1.5)]
+        batched = SharedCFG(den, sl).joint(x * 3, sigma, legs)
+        separate = [scaled(den, sl, s)(x * 3, sigma, **cond, **shared) for s in (0.8, -1.5)]
+    assert (separate[0] - separate[1]).abs().max() > 1e-3
+    for b, s in zip(batched, separate):
+        torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)

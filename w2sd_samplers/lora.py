@@ -339,11 +339,11 @@ class _Branch:
         else:
             self.delta = _full_delta(family, parts, w, factor).to(w)
 
-    def hook(self, layer, args, output):
+    def hook(self, layer, args, kwargs, output):
         scale = self.owner.current_scale
         if not isinstance(scale, torch.Tensor) and scale == 0:
             return output
-        x, c = args[0], self.layer
+        x, c = args[0] if args else kwargs['input'], self.layer  # some models pass the input by keyword
         if self.delta is not None:
             d = self.delta.to(x)
             y = F.linear(x, d) if self.conv is None else \
@@ -423,7 +423,7 @@ class SwitchableLoRA:
                                      f'{ {k: tuple(v.shape) for k, v in parts.items()} } do not fit together '
                                      f'({str(e).splitlines()[0]})') from None
                 self._branches.append(branch)
-                self._handles.append(layers[target].register_forward_hook(branch.hook))
+                self._handles.append(layers[target].register_forward_hook(branch.hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
