@@ -7,8 +7,9 @@ import torch
 diffusers = pytest.importorskip('diffusers')
 import k_diffusion.sampling as K  # noqa: E402
 
-from w2sd_samplers.adapters import (alphas_cumprod, cogvideox_denoiser, dit_denoiser, ditmoe_denoiser,  # noqa: E402
-                                    schedule, spaced_timesteps, timestep_sigmas, unet_denoiser)
+from w2sd_samplers.adapters import (alphas_cumprod, alphas_cumprod_from_config, cogvideox_denoiser,  # noqa: E402
+                                    dit_denoiser, ditmoe_denoiser, schedule, spaced_timesteps, timestep_sigmas,
+                                    unet_denoiser)
 from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
 
 STEPS = 8
@@ -41,9 +42,10 @@ def sdxl_cond(batch, seed):
 
 
 def ddim(beta_schedule='scaled_linear', **kw):
-    """diffusers' DDIM on the SD / AnimateDiff betas, without x0 clipping (k-diffusion's Euler never clips)."""
-    return diffusers.DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, steps_offset=1, **kw)
+    """diffusers' DDIM on the SD / AnimateDiff betas as SD/SDXL ship it (set_alpha_to_one=False: the last step
+    lands on abar_0), without x0 clipping (k-diffusion's Euler never clips)."""
+    return diffusers.DDIMScheduler(**{'beta_schedule': beta_schedule, 'beta_start': 0.00085, 'beta_end': 0.012,
+                                      'clip_sample': False, 'steps_offset': 1, 'set_alpha_to_one': False, **kw})
 
 
 def ddim_reference(scheduler, net, latents, steps=STEPS):
@@ -57,9 +59,10 @@ def ddim_reference(scheduler, net, latents, steps=STEPS):
 def ours(denoiser, scheduler, latents, extra_args, steps=STEPS):
     """k-diffusion Euler with our adapter on the scheduler's timestep grid, mapped back to diffusers' latents."""
     scheduler.set_timesteps(steps)
-    sigmas = timestep_sigmas(denoiser, scheduler.timesteps)
+    sigmas = timestep_sigmas(denoiser, scheduler.timesteps, 0. if scheduler.config.set_alpha_to_one else 'alpha0')
     x = latents * (1 + sigmas[0] ** 2).sqrt()     # the VP pure-noise latent in VE coordinates
-    return K.sample_euler(denoiser, x, sigmas, extra_args=extra_args, disable=True)
+    x = K.sample_euler(denoiser, x, sigmas, extra_args=extra_args, disable=True)
+    return x / (1 + sigmas[-1] ** 2).sqrt()
 
 
 def rel(a, b):
@@ -285,3 +288,11 @@ def test_adapters_say_which_extra_to_install(monkeypatch):
         adapters.unet_denoiser(torch.nn.Linear(1, 1), family='sd1')
     with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
         w2sd_generate.generate(object(), 'a prompt')
+
+
+@pytest.mark.parametrize('config', [dict(beta_schedule='linear', beta_start=0.1, beta_end=1.5),
+                                    dict(beta_schedule='scaled_linear', beta_start=float('nan'), beta_end=0.012),
+                                    dict(trained_betas=[0.1, -0.2, 0.3])])
+def test_betas_that_give_nan_sigmas_are_rejected(config):
+    with pytest.raises(ValueError, match='betas'):
+        alphas_cumprod_from_config(config)

@@ -193,3 +193,16 @@ def test_overhead_runs_sdxl_style_conditioning():
     assert overhead.unet_passes('tiny-xl', 3, 2) == (6, 6 + 2 * 2)
     rows = overhead.time_per_nfe('tiny-xl', steps=2, samplers=['dpmpp_2m'], progress=False)
     assert rows[0][:2] == ('dpmpp_2m', 2 + 2)
+
+
+def test_overhead_counts_launches_and_rows_of_each_pair_kind_batched_and_not():
+    from w2sd_samplers.bench import overhead
+    T, lam = 3, 2
+    rows = {(kind, form): r for kind, form, *r in overhead.pair_batching('tiny', steps=T)}
+    assert {kind for kind, _ in rows} == set(overhead.PAIR_KINDS)
+    for (kind, form), (n, n_b, passes, passes_b, ratio) in rows.items():
+        assert n == T + 2 * lam and ratio > 0
+        assert n_b == (T + lam if form == 'anchored' else n)   # the anchored legs: one forward
+    # guidance legs (5.5 vs 0) share the cond/uncond branches: 2T + 2 lam passes instead of 2T + 3 lam
+    assert rows['guidance', 'anchored'][2:4] == [2 * T + 3 * lam, 2 * (T + lam)]
+    assert rows['lora', 'anchored'][2:4] == [2 * T + 2 * lam] * 2  # CFG-1 legs: as many passes, fewer launches

@@ -105,32 +105,8 @@ def adapters_flow(tmp_path, monkeypatch):
     return {}
 
 
-def lora_moe(tmp_path, monkeypatch):
-    pytest.importorskip('diffusers')
-    from safetensors.torch import save_file
-    from test_adapters_vp import ddim, tiny_sd_unet
-    from test_lora import kohya_lora
-    from test_moe import TinyDiTMoE
-    from w2sd_samplers.adapters import unet_denoiser
-    unet = tiny_sd_unet()
-    layers = dict(unet.named_modules())
-    names = {n: n for n in layers if n.endswith(('attn1.to_q', 'attn2.to_v', 'proj_in'))}
-    save_file(kohya_lora(names, layers)[0], tmp_path / 'xlMoreArtFullV1.safetensors')   # the doc's LoRA file
-    denoiser = unet_denoiser(unet, ddim())
-    sigmas = denoiser.schedule(10, 'karras')
-    torch.manual_seed(0)
-    dit_moe = TinyDiTMoE().eval()     # tokens of 8 features: the [1, 4, 8, 8] latent is 32 tokens
-
-    def moe_denoiser(x, sigma, class_labels):
-        return dit_moe(x.reshape(len(x), -1, 8), sigma).reshape(x.shape)
-    cond, uncond = ({'encoder_hidden_states': torch.randn(1, 5, 32)} for _ in range(2))
-    return {'unet': unet, 'denoiser': denoiser, 'cond': cond, 'uncond': uncond, 'sigmas': sigmas,
-            'x': torch.randn(1, 4, 8, 8) * sigmas[0], 'dit_moe': dit_moe, 'moe_denoiser': moe_denoiser,
-            'labels': torch.tensor([3])}
-
-
 STANDINS = {'README.md': readme, 'docs/pairs_and_relatives.md': pairs_and_relatives, 'docs/adapters.md': adapters,
-            'docs/adapters_flow.md': adapters_flow, 'docs/lora_moe.md': lora_moe}
+            'docs/adapters_flow.md': adapters_flow}
 
 
 # ---- the test ---------------------------------------------------------------------------------------------------

@@ -194,3 +194,10 @@ def test_cli_generates_from_a_local_folder_and_reports_bad_folders(tmp_path):
         args = parser.parse_args(['generate', str(folder), '--prompt', PROMPT, '--device', 'cpu'])
         with pytest.raises(UsageError, match=message):
             main(args)
+
+
+@pytest.mark.parametrize('option', ['guidance_scale', 'strong_cfg', 'weak_cfg'])
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_cfg_scales_are_rejected_by_name(tmp_path, option, value):
+    with pytest.raises(ValueError, match=f'{option} must be a finite number'):
+        generate(sd_pipe(tmp_path), PROMPT, steps=2, progress=False, **{option: value})

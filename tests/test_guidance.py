@@ -150,4 +150,11 @@ def test_difference_guidance_on_a_prompt_pair_reuses_the_main_forward():
     d_c, d_u, d_w = (inner(x, sigma, **c) for c in (cond, uncond, weak_cond))
     got = difference_guidance(r, 2.)(x, sigma, **r.extra_args)
     torch.testing.assert_close(got, d_u + 5.5 * (d_c - d_u) + 2. * (d_c - d_w))
-    assert counted.total == 2  # main (batched cond/uncond) serves the CFG-1 strong leg; weak is one more call
+    assert counted.total == 1  # main (cond, uncond), CFG-1 strong (= the cond branch) and weak: one forward
+
+
+@pytest.mark.parametrize('lo, hi', [(math.nan, 2.), (0.5, math.inf), (0.5, math.nan)])
+def test_restart_bounds_must_be_finite(lo, hi):
+    sigmas = K.get_sigmas_karras(6, 0.1, 10.).double()
+    with pytest.raises(ValueError, match='finite'):
+        sample_restart(STRONG, noise(4) * 10, sigmas, disable=True, sigma_lo=lo, sigma_hi=hi)

@@ -459,3 +459,118 @@ def test_pickles_are_refused_unopened(tmp_path, tiny):
         with pytest.raises(ValueError, match='not a valid safetensors file'):
             SwitchableLoRA(tiny, str(tmp_path / name))
     assert not marker.exists()
+
+
+def test_two_threads_with_different_scales_get_exactly_their_own_outputs(tiny):
+    import threading
+    saved = weights_of(tiny)
+    sl = SwitchableLoRA(tiny, simple_lora())
+    x = torch.randn(2, 3, 6, 6)
+    legs = {s: scaled(tiny, sl, s) for s in (0.8, -1.5)}
+    alone = {s: d(x, torch.ones(2)) for s, d in legs.items()}
+    barrier, mismatches = threading.Barrier(2), []
+
+    def work(s):
+        barrier.wait()
+        for _ in range(200):
+            if not torch.equal(legs[s](x, torch.ones(2)), alone[s]):
+                mismatches.append(s)
+    threads = [threading.Thread(target=work, args=(s,)) for s in legs]
+    for t in threads:
+        t.start()
+    assert torch.equal(tiny(x), tiny(x))  # meanwhile, this thread sees the module at its default scale
+    for t in threads:
+        t.join()
+    assert mismatches == [] and sl.current_scale == 0
+    assert_same_weights(tiny, saved)
+
+
+def test_per_row_scales_equal_separate_calls(tiny):
+    sl = SwitchableLoRA(tiny, simple_lora())
+    x = torch.randn(2, 3, 6, 6)
+    rows = sl.run([0.8, 0.8, -1.5, -1.5], tiny, torch.cat([x, x]))
+    torch.testing.assert_close(rows, torch.cat([scaled(tiny, sl, s)(x, None) for s in (0.8, -1.5)]))
+    with pytest.raises(ValueError, match='per-row LoRA scales for 3 rows'):
+        sl.run([0.8, 0.8, -1.5], tiny, x)
+
+
+def test_an_interrupt_inside_a_forward_leaves_nothing_changed(tiny):
+    saved, x = weights_of(tiny), torch.randn(2, 3, 6, 6)
+    base = tiny(x)
+    sl = SwitchableLoRA(tiny, simple_lora())
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+    handle = tiny.fc.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        scaled(tiny, sl, 0.8)(x, None)
+    with pytest.raises(KeyboardInterrupt):
+        with sl.scale(-1.5):
+            tiny(x)
+    handle.remove()
+    assert sl.current_scale == 0 and torch.equal(tiny(x), base)
+    assert_same_weights(tiny, saved)
+
+
+@pytest.mark.parametrize('bad, match', [
+    ({'lora_unet_fc.lora_down.weight': r(2, 4), 'lora_unet_fc.lora_up.weight': torch.full((6, 2), float('nan'))},
+     r"'lora_unet_fc'.*\['lora_up.weight'\] hold inf or nan"),
+    ({'lora_unet_fc.lora_down.weight': r(2, 4), 'lora_unet_fc.lora_up.weight': r(6, 2),
+      'lora_unet_fc.alpha': torch.tensor(float('inf'))}, r"'lora_unet_fc'.*\['alpha'\] hold inf or nan"),
+    ({'lora_unet_fc.lora_down.weight': r(0, 4), 'lora_unet_fc.lora_up.weight': r(6, 0)}, "'lora_unet_fc'.*rank 0"),
+    ({f'lora_unet_fc.hada_{k}': r(*shape) for k, shape in
+      (('w1_a', (6, 2)), ('w1_b', (3, 4)), ('w2_a', (6, 2)), ('w2_b', (2, 4)))}, "'lora_unet_fc'.*do not fit"),
+    ({'lora_unet_fc.lokr_w1': r(2, 2), 'lora_unet_fc.lokr_w2_a': r(3, 1), 'lora_unet_fc.lokr_w2_b': r(2, 2)},
+     "'lora_unet_fc'.*do not fit"),
+])
+def test_bad_tensors_are_value_errors_naming_the_file_and_key(tmp_path, tiny, bad, match):
+    path = save(tmp_path, bad)
+    with pytest.raises(ValueError, match=f'{re.escape(str(path))}: LoRA entry {match}'):
+        SwitchableLoRA(tiny, str(path))
+    assert not any(m._forward_hooks for m in tiny.modules())
+
+
+def test_malformed_peft_configs_are_value_errors_naming_the_file(tmp_path, tiny):
+    folder = tmp_path / 'peft'
+    folder.mkdir()
+    save(folder, {'fc.lora_A.weight': r(2, 4), 'fc.lora_B.weight': r(6, 2)}, 'adapter_model.safetensors')
+    (folder / 'adapter_config.json').write_text('{"lora_alpha": 4,')
+    with pytest.raises(ValueError, match='adapter_config.json: malformed PEFT config'):
+        load_lora(folder)
+    (folder / 'adapter_config.json').write_text('{"lora_alpha": "four", "r": 2}')
+    with pytest.raises(ValueError, match="adapter_model.safetensors: LoRA entry 'fc'.*lora_alpha"):
+        SwitchableLoRA(tiny, folder)
+    (folder / 'adapter_config.json').write_text('[1, 2]')
+    with pytest.raises(ValueError, match='adapter_config.json.*must be a JSON object'):
+        load_lora(folder)
+
+
+@pytest.mark.parametrize('family', ['sdxl', 'animatediff', 'flux'])
+def test_batched_legs_at_two_scales_equal_separate_calls_on_diffusers_models(family):
+    # Per-row scales rely on every target layer seeing batch rows as contiguous blocks: checked on every Linear of
+    # real architectures (attention, motion modules, time and text embeddings).
+    pytest.importorskip('diffusers')
+    from test_adapters_vp import sdxl_cond, tiny_animatediff, tiny_sdxl_unet
+    from w2sd_samplers.adapters import unet_denoiser
+    from w2sd_samplers.pairs import SharedCFG
+    if family == 'flux':
+        from test_adapters_flow import tiny_flux
+        net, den, x, (cond, _), shared = tiny_flux()
+    else:
+        net = tiny_sdxl_unet() if family == 'sdxl' else tiny_animatediff()
+        den = unet_denoiser(net, family=family)
+        cond, shared = sdxl_cond(2, 1) if family == 'sdxl' else {'encoder_hidden_states': torch.randn(2, 5, 32)}, {}
+        x = torch.randn(2, 4, 3, 8, 8) if family == 'animatediff' else torch.randn(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    state = {f'{name}.lora_{p}.weight': torch.randn(*shape, generator=g) * 0.2
+             for name, m in net.named_modules() if isinstance(m, nn.Linear)
+             for p, shape in (('A', (2, m.in_features)), ('B', (m.out_features, 2)))}
+    sl = SwitchableLoRA(net, state)
+    sigma = torch.full([2], 3.)
+    with torch.no_grad():
+        legs = [dict(cond=cond, uncond=None, cond_scale=1., variant=s, **shared) for s in (0.8, -1.5)]
+        batched = SharedCFG(den, sl).joint(x * 3, sigma, legs)
+        separate = [scaled(den, sl, s)(x * 3, sigma, **cond, **shared) for s in (0.8, -1.5)]
+    assert (separate[0] - separate[1]).abs().max() > 1e-3
+    for b, s in zip(batched, separate):
+        torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from w2sd_samplers.moe import ExpertRouting, find_gates, routed
+from w2sd_samplers.moe import MODES, ExpertRouting, find_gates, routed
 from w2sd_samplers.reflect import reflect
 
 DIM, EXPERTS, K = 8, 6, 2
@@ -75,10 +75,11 @@ def assert_restored(model, snap):
 
 
 def record_gates(model):
-    """Forward hooks that record each gate's input and chosen indices."""
-    seen = []
-    hooks = [b.gate.register_forward_hook(lambda m, a, out: seen.append((a[0].reshape(-1, DIM), out[0])))
-             for b in model.blocks]
+    """Hooks that record each gate's input (before any routing hook) and chosen indices."""
+    seen, inputs = [], []
+    hooks = [h for b in model.blocks for h in (
+        b.gate.register_forward_pre_hook(lambda m, a: inputs.append(a[0].reshape(-1, DIM)), prepend=True),
+        b.gate.register_forward_hook(lambda m, a, out: seen.append((inputs.pop(0), out[0]))))]
     return seen, hooks
 
 
@@ -198,3 +199,57 @@ def test_moe_pair_in_a_reflection(model):
     torch.testing.assert_close(out, reflect(x, sigma, sigma_next, model, flipped), atol=0, rtol=0)
     assert (out - reflect(x, sigma, sigma_next, model, model)).abs().max() > 1e-4
     assert_restored(model, snap)
+
+
+def flipped_copy(model):
+    """Reference bottom-k model: a copy without routing hooks whose gate weights are negated."""
+    flipped = copy.deepcopy(model)
+    for m in flipped.modules():
+        m._forward_pre_hooks.clear()
+        m._forward_hooks.clear()
+    with torch.no_grad():
+        for gate in {id(b.gate): b.gate for b in flipped.blocks}.values():  # a shared gate is negated once
+            gate.weight.neg_()
+    return flipped
+
+
+def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model):
+    import threading
+    snap = snapshot(model)
+    routing = ExpertRouting(model)
+    x, sigma = torch.randn(1, 3, DIM), torch.ones(1)
+    legs = {m: routed(model, routing, m) for m in MODES}
+    alone = {m: d(x, sigma) for m, d in legs.items()}
+    barrier, mismatches = threading.Barrier(2), []
+
+    def work(mode):
+        barrier.wait()
+        for _ in range(50):
+            if not torch.equal(legs[mode](x, sigma), alone[mode]):
+                mismatches.append(mode)
+    threads = [threading.Thread(target=work, args=(m,)) for m in MODES]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == [] and routing.current_mode == 'top'
+    assert_restored(model, snap)
+
+
+def test_per_row_routing_equals_separate_calls(model):
+    routing = ExpertRouting(model)
+    x, sigma = torch.randn(2, 3, DIM), torch.ones(2)
+    rows = routing.run(['top', 'top', 'bottom', 'bottom'], model, torch.cat([x, x]), torch.cat([sigma, sigma]))
+    torch.testing.assert_close(rows, torch.cat([model(x, sigma), flipped_copy(model)(x, sigma)]))
+
+
+def test_duplicate_gate_names_are_rejected_and_a_gate_under_two_names_flips_once(model):
+    with pytest.raises(ValueError, match='more than once'):
+        ExpertRouting(model, ['blocks.0.gate', 'blocks.0.gate'])
+    model.blocks[1].gate = model.blocks[0].gate  # one gate module registered under two names
+    x, sigma = torch.randn(1, 3, DIM), torch.ones(1)
+    want = flipped_copy(model)(x, sigma)
+    for gates in (None, ['blocks.0.gate', 'blocks.1.gate']):
+        routing = ExpertRouting(model, gates)
+        torch.testing.assert_close(routed(model, routing, 'bottom')(x, sigma), want, rtol=0, atol=0)
+        routing.remove()

@@ -1,11 +1,10 @@
-import sys
-import types
+import threading
 
 import pytest
 import torch
+from torch import nn
 
-import w2sd_samplers
-from w2sd_samplers import pairs, toy
+from w2sd_samplers import guidance, lora, moe, pairs, toy
 from w2sd_samplers.cfg import CFGDenoiser
 from w2sd_samplers.nfe import CallCounter
 from w2sd_samplers.reflect import reflect
@@ -123,8 +122,14 @@ def test_condition_pair_runs_reflection_legs_without_uncond_198_passes():
 
 def test_condition_without_uncond_is_plain_and_rejects_scales():
     cond, _, x = conds()
-    r = pairs.condition(inner, cond, {'c': cond['c'] * 0})
-    assert r.main is inner and r.extra_args == cond and r.weak is inner
+    weak_cond = {'c': cond['c'] * 0}
+    r = pairs.condition(inner, cond, weak_cond)
+    # Both legs on one network: one SharedCFG without CFG, so that they can share a forward.
+    assert r.main is r.weak and r.main.inner is inner
+    assert r.extra_args == {'cond': cond, 'uncond': None, 'cond_scale': 1.}
+    sigma = torch.full([3], 2.)
+    torch.testing.assert_close(r.main(x, sigma, **r.extra_args), inner(x, sigma, **cond))
+    torch.testing.assert_close(r.weak(x, sigma, **r.weak_extra_args), inner(x, sigma, **weak_cond))
     with pytest.raises(ValueError, match='uncond'):
         pairs.condition(inner, cond, cond, main_scale=5.5)
 
@@ -135,43 +140,6 @@ def test_weights_pair_and_main_override():
     assert (r.main, r.weak, r.strong_is_main, r.extra_args) == (strong, weak, True, {})
     r = pairs.weights(strong, weak, main=main)
     assert r.main is main and r.leg('strong')[0] is strong
-
-
-def test_lora_builder_with_stand_in_module(monkeypatch):
-    made = []
-
-    def scaled(denoiser, switchable, scale):
-        made.append(scale)
-        return lambda x, sigma, **ea: denoiser(x, sigma, **ea) + scale * switchable
-    fake = types.SimpleNamespace(scaled=scaled)
-    monkeypatch.setitem(sys.modules, 'w2sd_samplers.lora', fake)
-    monkeypatch.setattr(w2sd_samplers, 'lora', fake, raising=False)
-    cond, uncond, x = conds()
-    v = torch.randn(4)
-    r = pairs.lora(inner, v, cond, uncond)
-    assert sorted(made) == [-1.5, 0.8]  # main and strong share the 0.8 denoiser
-    sigma = torch.full([3], 1.3)
-    d_c, d_u = inner(x, sigma, **cond) + 0.8 * v, inner(x, sigma, **uncond) + 0.8 * v
-    torch.testing.assert_close(r.main(x, sigma, **r.extra_args), d_u + 5.5 * (d_c - d_u))
-    for role, lora_scale in (('strong', 0.8), ('weak', -1.5)):  # reflection legs at CFG 1: cond only
-        d, ea = r.leg(role)
-        torch.testing.assert_close(d(x, sigma, **ea), inner(x, sigma, **cond) + lora_scale * v)
-
-
-def test_moe_builder_with_stand_in_module(monkeypatch):
-    def routed(denoiser, routing, which):
-        sign = {'top': 1., 'bottom': -1.}[which]
-        return lambda x, sigma, **ea: denoiser(x, sigma, **ea) + sign * routing
-    fake = types.SimpleNamespace(routed=routed)
-    monkeypatch.setitem(sys.modules, 'w2sd_samplers.moe', fake)
-    monkeypatch.setattr(w2sd_samplers, 'moe', fake, raising=False)
-    cond, uncond, x = conds()
-    r = pairs.moe(inner, torch.ones(4), cond, uncond)
-    sigma = torch.full([3], 1.3)
-    d_c, d_u = inner(x, sigma, **cond) - 1, inner(x, sigma, **uncond) - 1
-    weak, ea = r.leg('weak')
-    torch.testing.assert_close(weak(x, sigma, **ea), d_u + 1.5 * (d_c - d_u))  # DiT-MoE: CFG 1.5 everywhere
-    assert r.strong_is_main
 
 
 def test_pipeline_pair_adds_the_extra_inputs_to_strong_and_main_only():
@@ -279,17 +247,114 @@ def test_roles_take_host_style_extra_args_functions():
     assert r.leg('strong', swapped) == (cfg, swapped) and swapped['cond_scale'] == 3.
 
 
-def test_shared_cfg_cache_misses_on_a_new_point_or_cond_and_hands_out_copies():
+def test_shared_cfg_joint_is_one_forward_over_distinct_branches_and_keeps_no_state():
     cond, uncond, x = conds()
+    weak_cond = {'c': -cond['c']}
     counted = Rows(inner)
     cfg = pairs.SharedCFG(counted)
     sigma = torch.full([3], 1.)
-    out = cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=0.)
-    out += 100  # a caller editing its result in place must not corrupt the cache
-    torch.testing.assert_close(cfg(x, sigma, cond=cond, uncond=uncond, cond_scale=2.),
-                               inner(x, sigma, **uncond) + 2 * (inner(x, sigma, **cond) - inner(x, sigma, **uncond)))
-    assert (counted.calls, counted.rows) == (2, 6)  # uncond, then only the missing cond branch (B = 3 rows each)
-    cfg(x, sigma, cond=dict(cond), uncond=uncond, cond_scale=2.)  # an equal but new cond object: recompute
-    cfg(x + 1, sigma, cond=cond, uncond=uncond, cond_scale=2.)
-    cfg(x, sigma * 2, cond=cond, uncond=uncond, cond_scale=2.)
-    assert counted.calls == 5
+    legs = [dict(cond=cond, uncond=uncond, cond_scale=5.5), dict(cond=cond, uncond=uncond, cond_scale=0.),
+            dict(cond=weak_cond, uncond=uncond, cond_scale=1.)]
+    got = cfg.joint(x, sigma, legs)
+    d_c, d_u, d_w = (inner(x, sigma, **c) for c in (cond, uncond, weak_cond))
+    for out, want in zip(got, (d_u + 5.5 * (d_c - d_u), d_u, d_w)):
+        torch.testing.assert_close(out, want)
+    assert (counted.calls, counted.rows) == (1, 9)  # branches uncond, cond, weak cond: 3B rows in one forward
+    assert vars(cfg).keys() == {'inner', 'variants'}
+    with pytest.raises(ValueError, match='uncond'):
+        cfg(x, sigma, cond=cond, uncond=None, cond_scale=2.)
+
+
+class Net(nn.Module):
+    """A conditional denoiser with Linear layers acting row by row (a LoRA target)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 16), nn.Linear(16, 4)
+
+    def forward(self, x, sigma, c):
+        return x / (1 + sigma[:, None] ** 2) + 0.3 * self.fc2(torch.tanh(self.fc1(x + c)))
+
+
+def lora_net():
+    net = Net()
+    g = torch.Generator().manual_seed(1)
+    state = {f'lora_unet_{n}.lora_{p}.weight': torch.randn(*shape, generator=g) * 0.5 for n, p, shape in
+             (('fc1', 'down', (2, 4)), ('fc1', 'up', (16, 2)), ('fc2', 'down', (2, 16)), ('fc2', 'up', (4, 2)))}
+    return net, lora.SwitchableLoRA(net, state)
+
+
+def batched_and_unbatched(kind, b=3):
+    """(batched roles, unbatched roles with the same legs, counted network) for one shared-network pair."""
+    cond, uncond, x = conds(b)
+    if kind == 'lora':
+        net, sl = lora_net()
+        counted = Rows(net)
+        legs = [lora.scaled(counted, sl, s) for s in (0.8, -1.5)]
+        return (pairs.lora(counted, sl, cond, uncond),
+                pairs.weights(legs[0], legs[1], cond, uncond, main=legs[0]), counted, x)
+    if kind == 'moe':
+        from test_moe import TinyDiTMoE, DIM
+        torch.manual_seed(0)
+        model = TinyDiTMoE().eval()
+        routing = moe.ExpertRouting(model)
+        counted = Rows(model)
+        legs = [moe.routed(counted, routing, m) for m in ('top', 'bottom')]
+        return pairs.moe(counted, routing), pairs.weights(*legs), counted, torch.randn(b, 2, DIM)
+    counted = Rows(inner)
+    if kind == 'prompt':
+        weak_cond = {'c': -cond['c']}
+        cfg = CFGDenoiser(counted)
+        ea = dict(cond=cond, uncond=uncond, cond_scale=5.5)
+        unbatched = pairs.Roles(main=cfg, extra_args=ea, strong=cfg, strong_extra_args={**ea, 'cond_scale': 1.},
+                                weak=cfg, weak_extra_args=dict(cond=weak_cond, uncond=uncond, cond_scale=1.))
+        return pairs.prompt(counted, cond, weak_cond, uncond), unbatched, counted, x
+    cfg = CFGDenoiser(counted)
+    ea = dict(cond=cond, uncond=uncond, cond_scale=5.5)
+    return (pairs.guidance(counted, cond, uncond),
+            pairs.Roles(main=cfg, extra_args=ea, weak=cfg, weak_extra_args={**ea, 'cond_scale': 0.}), counted, x)
+
+
+@pytest.mark.parametrize('kind', ['guidance', 'prompt', 'lora', 'moe'])
+def test_anchored_legs_on_one_network_run_as_one_forward_equal_to_separate_legs(kind):
+    batched, unbatched, counted, x = batched_and_unbatched(kind)
+    sigmas = K.get_sigmas_karras(6, 0.1, 10.)
+    n, lam = len(sigmas) - 1, len(sigmas) - 2
+    runs = {}
+    for name, r in (('unbatched', unbatched), ('batched', batched)):
+        counted.calls = counted.rows = 0
+        runs[name] = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True,
+                                       **r.w2sd(form='anchored'))
+        runs[name + ' calls'] = counted.calls
+    torch.testing.assert_close(runs['batched'], runs['unbatched'], rtol=1e-5, atol=1e-5)
+    assert runs['unbatched calls'] == n + 2 * lam
+    assert runs['batched calls'] == n + lam  # T + lambda forward launches, not T + 2 lambda
+    # ... and difference guidance: all its legs in one forward
+    counted.calls = 0
+    got = guidance.difference_guidance(batched, 1.)(x, torch.full([len(x)], 2.), **batched.extra_args)
+    assert counted.calls == 1
+    torch.testing.assert_close(
+        got, guidance.difference_guidance(unbatched, 1.)(x, torch.full([len(x)], 2.), **unbatched.extra_args),
+        rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_pair_shared_by_two_threads_gives_each_its_single_thread_result():
+    r, _, _, x = batched_and_unbatched('lora')
+    sigmas = K.get_sigmas_karras(4, 0.1, 10.)
+    options = {'paper': r.w2sd(), 'anchored': r.w2sd(form='anchored')}
+
+    def run(form):
+        return sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True, **options[form])
+    alone = {form: run(form) for form in options}
+    results, barrier = {form: [] for form in options}, threading.Barrier(2)
+
+    def work(form):
+        barrier.wait()
+        results[form] += [torch.equal(run(form), alone[form]) for _ in range(20)]
+    threads = [threading.Thread(target=work, args=(f,)) for f in options]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results['paper']) and all(results['anchored']) and len(results['paper']) == 20

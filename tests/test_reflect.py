@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from w2sd_samplers.reflect import reflect, reflected_steps
+from w2sd_samplers.reflect import WEAK_SIGMAS, reflect, reflected_steps
 from w2sd_samplers.toy import GaussianMixture
 
 # paper.md 1.5: modes +-4, component std 0.5, strong left weight 0.35, weak 0.15, at sigma = 2.
@@ -107,3 +107,39 @@ def test_never_reflects_into_zero_and_checks_output_shapes():
         reflect(X, SIGMA, 0., STRONG, WEAK)
     with pytest.raises(ValueError, match='the weak denoiser returned'):
         reflect(X, SIGMA, SIGMA - 0.1, STRONG, lambda x, s: x[:, :0])
+
+
+def test_fp16_paper_form_is_finite_where_k_diffusions_plain_step_is():
+    # SVD's range (sigma_max 700) with fp16 latents and a host-like denoiser that computes in float32.
+    def denoiser(gain):
+        def d(x, sigma):
+            s = sigma.float()[:, None]
+            return (x.float() / (1 + s ** 2) + gain * torch.tanh(x.float() / (1 + s))).to(x.dtype)
+        return d
+    strong, weak = denoiser(0.5), denoiser(0.2)
+    k = pytest.importorskip('k_diffusion.sampling')
+    sigmas = k.get_sigmas_karras(10, 0.002, 700.)
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 700).half()
+    assert torch.isfinite(k.sample_euler(strong, x, sigmas, disable=True)).all()
+    for weak_sigma in WEAK_SIGMAS:
+        out = reflect(x, sigmas[0], sigmas[1], strong, weak, weak_sigma=weak_sigma)
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        want = reflect(x.float(), sigmas[0], sigmas[1], strong, weak, weak_sigma=weak_sigma)
+        torch.testing.assert_close(out.float(), want, rtol=2e-3, atol=1.)
+
+
+def test_anchored_form_stays_finite_when_sigma_next_is_tiny():
+    x = torch.randn(6, 1)
+    out = reflect(x, 1., 1e-40, STRONG, WEAK, form='anchored')
+    assert torch.isfinite(out).all()
+    assert torch.equal(reflect(x, 1., 1e-40, STRONG, STRONG, form='anchored'), x)  # equal legs: still the identity
+
+
+@pytest.mark.parametrize('strength', [1e38, -1e6, math.inf])
+def test_overflowing_strength_is_rejected(strength):
+    with pytest.raises(ValueError, match='strength'):
+        reflect(X, SIGMA, SIGMA - 0.1, STRONG, WEAK, strength=strength)
+
+
+def test_a_zero_length_step_does_not_reflect():
+    assert reflected_steps(torch.tensor([10., 5., 5., 1., 0.])) == [True, False, True, False]

@@ -194,7 +194,7 @@ def test_bad_roles_are_named():
         W.sample_w2sd_dpmpp_2m(STRONG, X, SIGMAS, disable=True, weak=WEAK, strong=lambda x, s: x.sum(1))
     with pytest.raises(TypeError, match='weak_extra_args'):
         W.sample_w2sd_euler(STRONG, X, SIGMAS, disable=True, weak=WEAK, weak_extra_args=[1])
-    with pytest.raises(TypeError, match='unexpected keyword'):
+    with pytest.raises(TypeError, match=r"sample_w2sd_euler\(\) got an unexpected keyword argument 'lamda'"):
         W.sample_w2sd_euler(STRONG, X, SIGMAS, disable=True, weak=WEAK, lamda=3)
     with pytest.raises(ValueError, match='solver_type'):
         W.sample_w2sd_dpmpp_2m_sde(STRONG, X, SIGMAS, disable=True, weak=WEAK, solver_type='rk4')
@@ -207,3 +207,38 @@ def test_signature_shows_the_options_and_avoids_names_a1111_probes():
         assert params['weak'].kind is inspect.Parameter.KEYWORD_ONLY and params['strength'].default == 1.
         assert params['weak_sigma'].default == 'current' and params['lam'].default is None
         assert not {'n', 'sigma_min', 'sigma_max', 'sigma_sched'} & set(params)
+
+
+@pytest.mark.parametrize('name, kwargs', CASES)
+def test_repeated_sigmas_run_as_in_k_diffusion_and_the_zero_length_step_does_not_reflect(name, kwargs):
+    sigmas = torch.tensor([10., 5., 5., 1., 0.])
+    torch.manual_seed(0)
+    ref = getattr(K, f'sample_{name}')(STRONG, X, sigmas, disable=True, **kwargs)
+    counter = CallCounter()
+    torch.manual_seed(0)
+    ours = W.SAMPLERS[name](STRONG, X, sigmas, disable=True, weak=counter.wrap(WEAK, 'weak'), **kwargs)
+    assert counter.counts['weak'] == 2  # 10 -> 5 and 5 -> 1; not 5 -> 5, not into 0
+    assert torch.isfinite(ours).all() == torch.isfinite(ref).all()
+
+
+@pytest.mark.parametrize('name', sorted(W.SAMPLERS))
+def test_bad_input_is_caught_before_anything_is_built(name):
+    # Brownian-tree samplers used to build their noise sampler first and fail inside torch/torchsde.
+    with pytest.raises(ValueError, match='sigmas must start above 0'):
+        W.SAMPLERS[name](STRONG, X, torch.zeros(5), disable=True, weak=WEAK)
+    with pytest.raises(TypeError, match='x must be a torch.Tensor'):
+        W.SAMPLERS[name](STRONG, X.tolist(), SIGMAS, disable=True, weak=WEAK)
+    with pytest.raises(TypeError, match='extra_args must be a dict'):
+        W.SAMPLERS[name](STRONG, X, SIGMAS, extra_args=[('c', 1)], disable=True, weak=WEAK)
+
+
+def test_errors_name_what_the_user_called():
+    # The strong leg defaults to the main model, so a bad main model is reported as the main model.
+    with pytest.raises(ValueError, match='the main denoiser returned'):
+        W.sample_w2sd_euler(lambda x, s: x[:1], X, SIGMAS, disable=True, weak=WEAK)
+    pytest.importorskip('diffusers')
+    from test_adapters_vp import tiny_sd_unet
+    for role in ('model', 'weak', 'strong'):
+        kw = {'model': STRONG, 'weak': WEAK, role: tiny_sd_unet()}
+        with pytest.raises(TypeError, match='diffusers UNet2DConditionModel.*adapters.unet_denoiser'):
+            W.sample_w2sd_euler(kw.pop('model'), X, SIGMAS, disable=True, **kw)

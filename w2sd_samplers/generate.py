@@ -7,6 +7,7 @@ two prompts; ``w2sd=False`` runs the plain k-diffusion sampler on the same noise
 """
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 
@@ -129,6 +130,10 @@ def _decode(pipe, fam, latents, output_type):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+def _finite(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f'{name} must be one of {sorted(choices)}, got {value!r}')
@@ -164,6 +169,9 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
         raise TypeError(f'seed must be an int, got {type(seed).__name__}')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
+    for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
+        if value is not None and not _finite(value):
+            raise ValueError(f'{name} must be a finite number, got {value!r}')
     from .adapters.unet import unet_denoiser
     device = pipe._execution_device           # the UNet's device, or the offload target
     vsf = pipe.vae_scale_factor
@@ -178,8 +186,9 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     if weak_pipe is not None and family(weak_pipe) != fam:
         raise ValueError(f'weak_model is a {family(weak_pipe)} pipeline; the main one is {fam}')
     lora_on = lora is not None
-    if lora_on and (not isinstance(lora_scales, (tuple, list)) or len(lora_scales) != 2):
-        raise ValueError(f'lora_scales must be (strong_scale, weak_scale), got {lora_scales!r}')
+    if lora_on and (not isinstance(lora_scales, (tuple, list)) or len(lora_scales) != 2
+                    or not all(map(_finite, lora_scales))):
+        raise ValueError(f'lora_scales must be (strong_scale, weak_scale), two finite numbers, got {lora_scales!r}')
     if w2sd and weak_model is None and weak_prompt is None and weak_cfg == strong_cfg and \
             not (lora_on and lora_scales[0] != lora_scales[1]):
         raise ValueError('the weak denoiser equals the strong one: give a pair (weak_model, weak_prompt, '
@@ -214,7 +223,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
         elif schedule == 'native':
             ts = spaced_timesteps(steps, config.get('timestep_spacing', 'leading'), config.get('steps_offset', 0),
                                   len(den.sigmas))
-            sigmas = timestep_sigmas(den, ts)
+            # DDIM with set_alpha_to_one=False (as SD/SDXL ship) ends at abar_0, not at sigma 0.
+            sigmas = timestep_sigmas(den, ts, 0. if config.get('set_alpha_to_one', True) else 'alpha0')
         else:
             sigmas = den.schedule(steps, schedule)
         sigmas = sigmas.to(device)

@@ -16,7 +16,7 @@ from tqdm.auto import trange
 
 from . import _kdiff
 from . import pairs
-from .reflect import check_sigmas, checked, reflected_steps, window_bounds
+from .reflect import check_denoiser, check_sigmas, checked, legs_at, reflected_steps, window_bounds
 
 
 def difference_guidance(roles, w=1., *, sigma_window=None):
@@ -25,7 +25,8 @@ def difference_guidance(roles, w=1., *, sigma_window=None):
     With main = strong (``weights(strong, weak)`` without CFG) this is autoguidance, Karras et al.'s weight
     ``1 + w``; the paper's Auto-guidance baseline "w = 1" is ``w=1`` here. ``sigma_window=(lo, hi)`` applies the
     difference only for ``lo <= sigma <= hi`` (elsewhere D_main alone). NFE per call: 2 when the strong leg is the
-    main one (3 otherwise), 1 outside the window; a guidance pair's shared CFG batches all legs into one forward.
+    main one (3 otherwise), 1 outside the window; legs on one shared network (``pairs.SharedCFG``: guidance, prompt,
+    LoRA and MoE pairs) run as one batched forward.
     """
     if not isinstance(roles, pairs.Roles):
         raise TypeError(f'difference_guidance needs a pairs.Roles, got {type(roles).__name__}')
@@ -34,15 +35,15 @@ def difference_guidance(roles, w=1., *, sigma_window=None):
     lo, hi = window_bounds(sigma_window)
 
     def guided(x, sigma, **extra_args):
-        main, main_ea = roles.leg('main', extra_args)
-        out = main(x, sigma, **main_ea)
         inside = (sigma >= lo) & (sigma <= hi)
         if not inside.any():
-            return out
-        (strong, s_ea), (weak, w_ea) = roles.leg('strong', extra_args), roles.leg('weak', extra_args)
-        d_strong = out if roles.strong_is_main else strong(x, sigma, **s_ea)
+            main, main_ea = roles.leg('main', extra_args)
+            return main(x, sigma, **main_ea)
+        names = ('main', 'weak') if roles.strong_is_main else ('main', 'strong', 'weak')
+        outs = legs_at(x, sigma, [roles.leg(role, extra_args) for role in names], names)
+        out, d_strong, d_weak = outs[0], outs[-2], outs[-1]
         scale = w * inside.to(out.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        return out + (d_strong - weak(x, sigma, **w_ea)) * scale
+        return out + (d_strong - d_weak) * scale
     return guided
 
 
@@ -62,7 +63,11 @@ def _setup(model, x, sigmas, extra_args):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
     check_sigmas(sigmas)
-    return checked('main', model), {} if extra_args is None else extra_args, x.new_ones([x.shape[0]])
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f'extra_args must be a dict of keyword arguments for the model, '
+                        f'got {type(extra_args).__name__}')
+    return checked('main', check_denoiser('main', model)), {} if extra_args is None else extra_args, \
+        x.new_ones([x.shape[0]])
 
 
 @torch.no_grad()
@@ -125,6 +130,8 @@ def restart_plan(sigmas, restart_list=None, *, sigma_lo=None, sigma_hi=None, res
             lo, hi = float(lo), float(hi)
         except (TypeError, ValueError):
             raise ValueError(f'restart_list entries must be (sigma_lo, sigma_hi, k, steps), got {entry!r}') from None
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f'restart sigma_lo and sigma_hi must be finite numbers, got {lo} and {hi} in {entry!r}')
         for name, v in (('k', k), ('steps', steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f'restart {name} must be an integer >= 1, got {v!r} in {entry!r}')

@@ -6,10 +6,18 @@ target layer's output; base weights are never written, so they stay bit-identica
 skips the branches (the output is the base model's, bit for bit). Plain LoRA/LoCon runs as two skinny layers
 (``up(down(x))``); LoHa, LoKr and Tucker LoCon have no cheap factored form and run with their full delta weight.
 
+The scale is part of the call, not of the model: the hooks read it from a context variable, local to the calling
+thread or asyncio task, that :func:`scaled` / :meth:`SwitchableLoRA.run` set in a fresh copy of the context for
+the call's duration. Two threads on one model never see each other's scale, and there is nothing to restore after
+an exception or interrupt. A scale may be given per batch row (a list or 1-D tensor), so that legs at different
+scales run as one batched forward; each target layer then sees its batch rows as contiguous blocks of the leading
+dimension (``[B, ...]``, ``[B * frames, ...]``, ``[B * tokens, ...]``), as diffusers UNets and transformers do.
+
 Adapters that are not additive in the scale (DoRA, OFT, GLoRA, ...) are rejected: a negative scale means nothing
 for them.
 """
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -33,17 +41,22 @@ _PEFT_KEY = re.compile(r'(.+)\.lora_([AB])(?:\.[^.]+)?\.weight')  # optional ada
 _LEGACY_ATTN_KEY = re.compile(r'(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight')
 _LEGACY_LINEAR_KEY = re.compile(r'(.+)\.lora_linear_layer\.(down|up)\.weight')
 _LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+# {SwitchableLoRA: scale} of the current call; a fresh copy of the context per call keeps it thread/task local.
+_SCALES = contextvars.ContextVar('w2sd_lora_scales', default={})
 
 
 class LoRAFile:
     """The tensors of one LoRA file and its PEFT/diffusers config (``lora_alpha``, ``r``, patterns), if any."""
 
-    def __init__(self, tensors, peft_config=None):
+    def __init__(self, tensors, peft_config=None, source='the LoRA state dict'):
         bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise TypeError(f'a LoRA state dict maps str keys to tensors; bad entries: {bad[:5]}')
+        if peft_config is not None and not isinstance(peft_config, dict):
+            raise ValueError(f'{source}: the PEFT config must be a JSON object, got {type(peft_config).__name__}')
         self.tensors = dict(tensors)
         self.peft_config = peft_config
+        self.source = source
 
     def __repr__(self):
         return f'LoRAFile({len(self.tensors)} tensors)'
@@ -64,7 +77,7 @@ def load_lora(path_or_state_dict):
         config_path = os.path.join(path, PEFT_CONFIG_FILE)
         if os.path.exists(config_path):
             with open(config_path) as f:
-                config = json.load(f)
+                config = _json(config_path, f.read())
         path = os.path.join(path, PEFT_WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no LoRA file at {path}')
@@ -77,8 +90,18 @@ def load_lora(path_or_state_dict):
                          'pickled checkpoints (.ckpt, .pt, .bin) are never unpickled: convert them to '
                          'safetensors first') from None
     if config is None and metadata.get('lora_adapter_metadata'):
-        config = json.loads(metadata['lora_adapter_metadata'])
-    return LoRAFile(tensors, config)
+        config = _json(f"{path} (header key 'lora_adapter_metadata')", metadata['lora_adapter_metadata'])
+    return LoRAFile(tensors, config, path)
+
+
+def _json(where, text):
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f'{where}: malformed PEFT config, not valid JSON ({e})') from None
+    if not isinstance(config, dict):
+        raise ValueError(f'{where}: the PEFT config must be a JSON object, got {type(config).__name__}')
+    return config
 
 
 def sgm_names(unet):
@@ -171,10 +194,25 @@ def _peft_alpha(config, module_key, rank):
             config = {k[len(p) + 1:]: v for k, v in config.items() if k.startswith(p + '.')}
             break
     alpha = config.get('lora_alpha', rank)
-    for pattern, value in (config.get('alpha_pattern') or {}).items():
+    patterns = config.get('alpha_pattern') or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"the PEFT config's alpha_pattern must map patterns to numbers, got {patterns!r}")
+    for pattern, value in patterns.items():
         if re.fullmatch(rf'(.*\.)?(?:{pattern})', module_key):
             alpha = value
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"the PEFT config's lora_alpha (or alpha_pattern entry) must be a finite number, "
+                         f'got {alpha!r}')
     return alpha / (math.sqrt(rank) if config.get('use_rslora') else rank)
+
+
+def _check_parts(parts):
+    empty = sorted(k for k, v in parts.items() if v.numel() == 0)
+    if empty:
+        raise ValueError(f'the tensors {empty} are empty (rank 0): a LoRA needs rank >= 1')
+    bad = sorted(k for k, v in parts.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise ValueError(f'the tensors {bad} hold inf or nan values')
 
 
 def _mm(a, b):
@@ -222,12 +260,51 @@ def _full_delta(family, parts, weight, factor):
     return delta.reshape(weight.shape) * factor
 
 
-def _check_scale(scale):
+def check_scale(name, scale):
+    """``scale`` as a float, or a TypeError naming the argument ``name``."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f'scale must be a finite number, got {scale!r}')
+        raise TypeError(f'{name} must be a finite number, got {scale!r}')
     return float(scale)
+
+
+@contextlib.contextmanager
+def context_entry(var, key, value):
+    """Inside the block, the dict in the context variable ``var`` maps ``key`` to ``value`` (this thread/task)."""
+    token = var.set({**var.get(), key: value})
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def call_in_context(var, key, value, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a copy of the current context where ``var``'s dict maps ``key`` to ``value``:
+    nothing to reset afterwards, whatever interrupts the call."""
+    def call():
+        var.set({**var.get(), key: value})
+        return fn(*args, **kwargs)
+    return contextvars.copy_context().run(call)
+
+
+def _row_scales(scale):
+    """A number, or a float32 tensor of per-row scales."""
+    if isinstance(scale, (list, tuple)) or (isinstance(scale, torch.Tensor) and scale.ndim == 1):
+        rows = torch.as_tensor(scale, dtype=torch.float32)
+        if not torch.isfinite(rows).all():
+            raise TypeError(f'scale must hold finite numbers, got {scale!r}')
+        return rows
+    return check_scale('scale', scale)
+
+
+def _per_row(scale, y):
+    """``scale`` shaped to multiply ``y``: per-row scales repeated over the blocks of y's leading dimension."""
+    if not isinstance(scale, torch.Tensor):
+        return scale
+    if y.shape[0] % len(scale):
+        raise ValueError(f'per-row LoRA scales for {len(scale)} rows do not fit a layer input of batch {y.shape[0]}')
+    return scale.to(y).repeat_interleave(y.shape[0] // len(scale)).reshape(-1, *[1] * (y.dim() - 1))
 
 
 class _Branch:
@@ -236,8 +313,8 @@ class _Branch:
     ``factor`` is the LoRA's alpha / rank where the file's config gives it (PEFT); kohya files carry it per module.
     """
 
-    def __init__(self, layer, parts, factor=None):
-        self.layer, self.scale = layer, 0.
+    def __init__(self, owner, layer, parts, factor=None):
+        self.owner, self.layer = owner, layer
         w = layer.weight
         self.conv = None if isinstance(layer, torch.nn.Linear) else getattr(F, f'conv{w.dim() - 2}d')
         if self.conv is not None and layer.padding_mode != 'zeros':
@@ -262,10 +339,11 @@ class _Branch:
         else:
             self.delta = _full_delta(family, parts, w, factor).to(w)
 
-    def hook(self, layer, args, output):
-        if self.scale == 0:
+    def hook(self, layer, args, kwargs, output):
+        scale = self.owner.current_scale
+        if not isinstance(scale, torch.Tensor) and scale == 0:
             return output
-        x, c = args[0], self.layer
+        x, c = args[0] if args else kwargs['input'], self.layer  # some models pass the input by keyword
         if self.delta is not None:
             d = self.delta.to(x)
             y = F.linear(x, d) if self.conv is None else \
@@ -274,11 +352,11 @@ class _Branch:
             y = F.linear(F.linear(x, self.down.to(x)), self.up.to(x))
         else:
             y = self.conv(self.conv(x, self.down.to(x), None, c.stride, c.padding, c.dilation), self.up.to(x))
-        return output + self.scale * y
+        return output + _per_row(scale, y) * y
 
 
 class SwitchableLoRA:
-    """A LoRA attached to ``module`` as side branches whose scale can change per call (default 0: off).
+    """A LoRA attached to ``module`` as side branches whose scale is chosen per call (default 0: off).
 
     ``lora`` is a path, a state dict or a :class:`LoRAFile`. Keys are matched to the module's Linear/Conv layers
     by kohya names (``lora_unet_`` + qualified name with '.' -> '_', or the SGM/LDM spelling for diffusers UNets),
@@ -331,41 +409,48 @@ class SwitchableLoRA:
         try:
             for (target, module_key, kind), parts in sorted(groups.items()):
                 try:
+                    _check_parts(parts)
                     factor = _peft_alpha(lora.peft_config, module_key, parts['lora_down.weight'].shape[0]) \
                         if kind == 'peft' else None
-                    branch = _Branch(layers[target], parts, factor)
+                    branch = _Branch(self, layers[target], parts, factor)
                 except KeyError as e:
-                    raise ValueError(f'LoRA entry {module_key!r} for layer {target!r} lacks the tensor {e}; it has '
-                                     f'{sorted(parts)}') from None
+                    raise ValueError(f'{lora.source}: LoRA entry {module_key!r} for layer {target!r} lacks the '
+                                     f'tensor {e}; it has {sorted(parts)}') from None
                 except ValueError as e:
-                    raise ValueError(f'LoRA entry {module_key!r} for layer {target!r}: {e}') from None
+                    raise ValueError(f'{lora.source}: LoRA entry {module_key!r} for layer {target!r}: {e}') from None
+                except RuntimeError as e:  # torch's matmul/kron on factors that do not fit together
+                    raise ValueError(f'{lora.source}: LoRA entry {module_key!r} for layer {target!r}: its factors '
+                                     f'{ {k: tuple(v.shape) for k, v in parts.items()} } do not fit together '
+                                     f'({str(e).splitlines()[0]})') from None
                 self._branches.append(branch)
-                self._handles.append(layers[target].register_forward_hook(branch.hook))
+                self._handles.append(layers[target].register_forward_hook(branch.hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
         self.targets = [t for t, _, _ in sorted(groups)]
-        self._scale = 0.
+        self._default = 0.
 
     @property
     def current_scale(self):
-        return self._scale
+        """The scale this thread/task's calls run at: the innermost ``scale()`` / ``run()``, else the default."""
+        return _SCALES.get().get(self, self._default)
 
     def set_scale(self, scale):
-        """Set the LoRA scale of every branch (0 = off; negative scales subtract the LoRA)."""
-        self._scale = _check_scale(scale)
-        for branch in self._branches:
-            branch.scale = self._scale
+        """Set the default scale, used by calls outside ``scale()`` / ``run()`` (0 = off; negative scales subtract
+        the LoRA). It is shared by all threads: give per-call scales with :func:`scaled` or ``run`` instead."""
+        self._default = check_scale('scale', scale)
 
     @contextlib.contextmanager
     def scale(self, scale):
-        """``with sl.scale(s):`` runs the block at LoRA scale s and restores the previous scale, even on errors."""
-        previous = self._scale
-        self.set_scale(scale)
-        try:
+        """``with sl.scale(s):`` runs the block at LoRA scale s in this thread/task only; the previous scale is
+        back on exit, errors and interrupts included."""
+        with context_entry(_SCALES, self, _row_scales(scale)):
             yield self
-        finally:
-            self.set_scale(previous)
+
+    def run(self, scale, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` with the LoRA at ``scale`` (a number, or one per batch row), in a copy of the
+        current context: nothing to reset afterwards, whatever interrupts the call."""
+        return call_in_context(_SCALES, self, _row_scales(scale), fn, *args, **kwargs)
 
     def remove(self):
         """Detach every branch; the module is then exactly as before. Safe to call twice."""
@@ -381,12 +466,11 @@ class SwitchableLoRA:
 
 
 def scaled(denoiser, switchable_lora, scale):
-    """A k-diffusion denoiser that runs ``denoiser`` with the LoRA at ``scale`` for the duration of each call."""
+    """A k-diffusion denoiser that runs ``denoiser`` with the LoRA at ``scale`` for each call (thread-safe)."""
     if not isinstance(switchable_lora, SwitchableLoRA):
         raise TypeError(f'switchable_lora must be a SwitchableLoRA, not {type(switchable_lora).__name__}')
-    scale = _check_scale(scale)
+    scale = check_scale('scale', scale)
 
     def call(x, sigma, **extra_args):
-        with switchable_lora.scale(scale):
-            return denoiser(x, sigma, **extra_args)
+        return switchable_lora.run(scale, denoiser, x, sigma, **extra_args)
     return call

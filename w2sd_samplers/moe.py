@@ -3,9 +3,14 @@
 The paper's MoE pair (DiT-MoE-S, top-2 of 8 experts vs the 2 "least optimal" of 8) is one network run twice with
 different routing. A gate computes logits = linear(h, weight, bias), scores = a monotone function of the logits
 (softmax for DiT-MoE and Mixtral), and picks the top-k scores. Negating the logits reverses the order of the scores,
-so the same top-k code then picks exactly the k lowest-scored experts; that is the flip used here. It is done by
-giving the gate negated copies of its own ``weight`` and ``bias`` for the duration of a ``mode('bottom')`` block and
-putting the original Parameter objects back afterwards: the originals are never written, so the restore is exact.
+so the same top-k code then picks exactly the k lowest-scored experts; that is the flip used here. A hook on each
+gate negates, for the rows routed to the bottom, the gate's input (gates without a bias: ``linear(-h, W) =
+-linear(h, W)``) or, for an ``nn.Linear`` gate, its output (the logits, bias included). Weights are never touched.
+
+The routing is part of the call, not of the model: the hooks read it from a context variable local to the calling
+thread or asyncio task (see :mod:`w2sd_samplers.lora`), so threads sharing the model never see each other's
+routing and nothing needs restoring. It may be given per batch row (legs batched into one forward); the gate then
+sees its rows as contiguous blocks of the leading dimension (``[B * tokens, dim]`` for DiT-MoE and Mixtral).
 
 The routed experts are then weighted by the flipped distribution's probabilities (the softmax of the negated
 logits), which keeps the routed branch at about its usual magnitude instead of the tiny raw probabilities of the
@@ -13,12 +18,17 @@ worst experts. Gates whose scores are not a monotone function of one linear map 
 score for selection only, as in DeepSeek-V3) are not flipped correctly by this; name their logit Linear instead.
 """
 import contextlib
+import contextvars
 import functools
 
 import torch
 
+from .lora import call_in_context, context_entry
+
 MODES = ('top', 'bottom')
 K_ATTRIBUTES = ('top_k', 'num_experts_per_tok')
+# {ExpertRouting: mode or per-row modes} of the current call.
+_MODES = contextvars.ContextVar('w2sd_moe_modes', default={})
 
 
 def find_gates(model):
@@ -33,27 +43,49 @@ def find_gates(model):
     return names
 
 
+def _check_mode(mode):
+    modes = mode if isinstance(mode, (list, tuple)) else [mode]
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f'mode must be one of {MODES} (or a list of them, one per batch row), got {mode!r}')
+    return mode
+
+
+def _flip_rows(mode, t):
+    """``t`` with the rows routed 'bottom' negated (rows: contiguous blocks of t's leading dimension)."""
+    if not isinstance(mode, (list, tuple)):
+        return -t if mode == 'bottom' else t
+    if t.shape[0] % len(mode):
+        raise ValueError(f'per-row routing for {len(mode)} rows does not fit a gate input of batch {t.shape[0]}')
+    sign = torch.tensor([-1. if m == 'bottom' else 1. for m in mode], dtype=t.dtype, device=t.device)
+    return t * sign.repeat_interleave(t.shape[0] // len(mode)).reshape(-1, *[1] * (t.dim() - 1))
+
+
 class ExpertRouting:
-    """Switches every gate of ``model`` between its usual top-k routing and the bottom-k experts.
+    """Routes every gate of ``model`` to its usual top-k experts or to the bottom-k, per call.
 
     ``gates``: None (DiT-MoE/Mixtral-style gates, see :func:`find_gates`), a list of module paths, or a
-    predicate ``(name, module) -> bool``. Each gate must own the ``weight`` (and optional ``bias``) of its logit map.
+    predicate ``(name, module) -> bool``. Each gate must own the ``weight`` of its logit map, and a ``bias`` only if
+    it is an ``nn.Linear`` (whose output is the logits). A gate reached under several names is flipped once.
     ``k``: route to this many experts in both modes (set on the gates' and their parents' ``top_k`` /
-    ``num_experts_per_tok`` attributes for the duration of a mode); None keeps the model's own k.
+    ``num_experts_per_tok`` attributes for the duration of a call: the one shared change, so with ``k`` one model
+    must not run two routings at once); None keeps the model's own k. ``remove()`` detaches the hooks.
     """
 
     def __init__(self, model, gates=None, *, k=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f'model must be a torch.nn.Module, not {type(model).__name__}')
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules(remove_duplicate=False))
         if gates is None:
             names = find_gates(model)
         elif callable(gates):
-            names = [name for name, module in modules.items() if gates(name, module)]
+            names = [name for name, module in model.named_modules() if gates(name, module)]
         elif isinstance(gates, (list, tuple)) and all(isinstance(g, str) for g in gates):
             missing = [g for g in gates if g not in modules]
             if missing:
                 raise ValueError(f'gates name no module of the model: {missing}')
+            doubled = sorted({g for g in gates if gates.count(g) > 1})
+            if doubled:
+                raise ValueError(f'gates names the same gate more than once: {doubled}')
             names = list(gates)
         else:
             raise TypeError('gates must be None, a list of module paths, or a predicate (name, module) -> bool')
@@ -62,14 +94,19 @@ class ExpertRouting:
         no_weight = [n for n in names if not isinstance(getattr(modules[n], 'weight', None), torch.nn.Parameter)]
         if no_weight:
             raise ValueError(f'gates must own the weight Parameter of their logit map; these do not: {no_weight}')
+        biased = [n for n in names if getattr(modules[n], 'bias', None) is not None
+                  and not isinstance(modules[n], torch.nn.Linear)]
+        if biased:
+            raise ValueError(f'gates {biased} have a bias but are not nn.Linear: negating their input would not '
+                             'negate the bias; name their logit Linear as the gate instead')
         self.gates = names
-        self._gates = [modules[n] for n in names]
+        self._gates = list({id(modules[n]): modules[n] for n in names}.values())
         self._k_owners = []
         if k is not None:
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise ValueError(f'k must be a positive int, got {k!r}')
-            for name, gate in zip(names, self._gates):
-                parent = modules[name.rpartition('.')[0]]
+            for name in names:
+                gate, parent = modules[name], modules[name.rpartition('.')[0]]
                 owners = [(m, a) for m in (gate, parent) for a in K_ATTRIBUTES if isinstance(getattr(m, a, None), int)]
                 if not owners:
                     raise ValueError(f'k was given, but neither gate {name!r} nor its parent has an int attribute '
@@ -77,51 +114,68 @@ class ExpertRouting:
                 experts = gate.weight.shape[0]
                 if k > experts:
                     raise ValueError(f'k={k} exceeds the {experts} experts of gate {name!r}')
-                self._k_owners += owners
+                self._k_owners += [o for o in owners if o not in self._k_owners]
         self.k = k
-        self._mode = 'top'
+        self._handles = [g.register_forward_hook(self._flip_output) if isinstance(g, torch.nn.Linear)
+                         else g.register_forward_pre_hook(self._flip_input) for g in self._gates]
 
     @property
     def current_mode(self):
-        return self._mode
+        """The routing of this thread/task's calls ('top' outside any ``mode()`` / ``run()``)."""
+        return _MODES.get().get(self, 'top')
+
+    def _flip_input(self, gate, args):
+        mode = self.current_mode
+        return None if mode == 'top' else (_flip_rows(mode, args[0]),) + args[1:]
+
+    def _flip_output(self, gate, args, output):
+        mode = self.current_mode
+        return None if mode == 'top' else _flip_rows(mode, output)
 
     @contextlib.contextmanager
-    def mode(self, mode):
-        """``with routing.mode('bottom'):`` routes every gate to its bottom-k experts inside the block ('top': the
-        usual routing). Parameters and attributes are restored exactly on exit, errors and interrupts included."""
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    def _k(self):
         undo = []
-        previous = self._mode
         try:
-            if self.k is not None:
-                for owner, attr in self._k_owners:
-                    undo.append(functools.partial(setattr, owner, attr, getattr(owner, attr)))
-                    setattr(owner, attr, self.k)
-            if mode != previous:
-                with torch.no_grad():
-                    for gate in self._gates:
-                        for name in ('weight', 'bias'):
-                            p = gate._parameters.get(name)
-                            if p is not None:
-                                undo.append(functools.partial(gate._parameters.__setitem__, name, p))
-                                gate._parameters[name] = torch.nn.Parameter(-p, requires_grad=p.requires_grad)
-            self._mode = mode
-            yield self
+            for owner, attr in self._k_owners:
+                undo.append(functools.partial(setattr, owner, attr, getattr(owner, attr)))
+                setattr(owner, attr, self.k)
+            yield
         finally:
             for restore in reversed(undo):
                 restore()
-            self._mode = previous
+
+    @contextlib.contextmanager
+    def mode(self, mode):
+        """``with routing.mode('bottom'):`` routes every gate to its bottom-k experts inside the block, in this
+        thread/task only ('top': the usual routing); modes nest and are back as they were on exit."""
+        with context_entry(_MODES, self, _check_mode(mode)), self._k():
+            yield self
+
+    def run(self, mode, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` routed by ``mode`` ('top', 'bottom', or one per batch row), in a copy of the
+        current context: nothing to reset afterwards, whatever interrupts the call."""
+        with self._k():
+            return call_in_context(_MODES, self, _check_mode(mode), fn, *args, **kwargs)
+
+    def remove(self):
+        """Detach the gate hooks; the model is then exactly as before. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
 
 
 def routed(denoiser, routing, mode):
-    """A k-diffusion denoiser that runs ``denoiser`` under ``routing.mode(mode)`` for each call."""
+    """A k-diffusion denoiser that runs ``denoiser`` routed by ``mode`` for each call (thread-safe)."""
     if not isinstance(routing, ExpertRouting):
         raise TypeError(f'routing must be an ExpertRouting, not {type(routing).__name__}')
-    if mode not in MODES:
-        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    _check_mode(mode)
 
     def call(x, sigma, **extra_args):
-        with routing.mode(mode):
-            return denoiser(x, sigma, **extra_args)
+        return routing.run(mode, denoiser, x, sigma, **extra_args)
     return call

@@ -78,41 +78,67 @@ class Roles:
 
 
 class SharedCFG(CFGDenoiser):
-    """A :class:`~w2sd_samplers.cfg.CFGDenoiser` that reuses its last branch outputs.
+    """Classifier-free guidance over one network whose legs can share a forward.
 
-    Roles that differ only in ``cond_scale`` (a guidance pair) and are evaluated at the same point share one batched
-    forward: the anchored reflection's two legs (``form='anchored'``) and difference guidance. The one-entry cache
-    is keyed by ``x`` and ``sigma`` by value and by the ``cond``, ``uncond`` and shared extra-arg objects by identity
-    (the roles' extra args hold the same objects). It never changes a result, only the number of forwards.
+    A leg's extra args are ``cond``, ``uncond`` (None: no CFG), ``cond_scale``, optionally ``variant`` (the leg's
+    choice of network variant, a LoRA scale or an MoE routing, applied per call by ``variants.run``) and shared
+    extra args, passed unbatched to every call. ``joint(x, sigma, legs)`` evaluates several legs at one point as a
+    single forward over their distinct branches (x repeated per branch, the branches' conds concatenated, the
+    variant set per row): the anchored reflection's two legs and difference guidance use it. Nothing is kept
+    between calls, so one instance serves any number of threads.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, variants=None):
         super().__init__(inner)
-        self._key, self._out = None, {}
+        self.variants = variants
 
-    def __call__(self, x, sigma, *, cond, uncond, cond_scale, **shared):
-        need = ('cond',) if cond_scale == 1 else ('uncond',) if cond_scale == 0 else ('uncond', 'cond')
-        if not self._hit(x, sigma, cond, uncond, shared):
-            self._key, self._out = (x.clone(), sigma.clone(), cond, uncond, dict(shared)), {}
-        missing = [b for b in need if b not in self._out]
-        if len(missing) == 2:
-            both = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_conds(uncond, cond), **shared)
-            self._out.update(zip(missing, both.chunk(2)))
-        elif missing:
-            self._out[missing[0]] = self.inner(x, sigma, **(cond if missing[0] == 'cond' else uncond), **shared)
-        if len(need) == 1:
-            return self._out[need[0]].clone()  # the cached tensor must not reach a caller that edits in place
-        uncond_out, cond_out = self._out['uncond'], self._out['cond']
-        return uncond_out + (cond_out - uncond_out) * cond_scale
+    def __call__(self, x, sigma, **leg):
+        return self.joint(x, sigma, [leg])[0]
 
-    def _hit(self, x, sigma, cond, uncond, shared):
-        if self._key is None:
-            return False
-        kx, ks, kc, ku, kshared = self._key
-        return (kc is cond and ku is uncond and kshared.keys() == shared.keys()
-                and all(kshared[k] is v for k, v in shared.items())
-                and kx.shape == x.shape and ks.shape == sigma.shape and (kx.dtype, ks.dtype) == (x.dtype, sigma.dtype)
-                and kx.device == x.device and torch.equal(kx, x) and torch.equal(ks, sigma))
+    def joint(self, x, sigma, legs):
+        """The outputs of the legs (extra-args dicts), one batched forward when they share their other args."""
+        branches, plans, shared = [], [], None
+        for leg in legs:
+            leg = dict(leg)
+            cond, uncond = leg.pop('cond'), leg.pop('uncond', None)
+            scale, variant = leg.pop('cond_scale', 1.), leg.pop('variant', None)
+            if shared is not None and not _same_args(shared, leg):
+                return [self.joint(x, sigma, [each])[0] for each in legs]
+            shared = leg
+            if variant is not None and self.variants is None:
+                raise TypeError('a variant was given, but this SharedCFG has no variants (a LoRA or MoE routing)')
+            if uncond is None and not (isinstance(scale, (int, float)) and scale == 1):
+                raise ValueError(f'cond_scale {scale!r} needs the unconditional extra args (uncond)')
+            plain = isinstance(scale, (int, float)) and scale in (0, 1)
+            need = [uncond if scale == 0 else cond] if uncond is None or plain else [uncond, cond]
+            plans.append(([_index(branches, c, variant) for c in need], scale))
+        rows = len(branches)
+        conds = branches[0][0]
+        for c, _ in branches[1:]:
+            conds = cat_conds(conds, c)
+        xs, sigmas = (torch.cat([x] * rows), torch.cat([sigma] * rows)) if rows > 1 else (x, sigma)
+        variants = [v for _, v in branches]
+        if self.variants is None:
+            out = self.inner(xs, sigmas, **conds, **shared)
+        else:
+            per_row = variants[0] if len(set(variants)) == 1 else [v for v in variants for _ in range(len(x))]
+            out = self.variants.run(per_row, self.inner, xs, sigmas, **conds, **shared)
+        outs = out.chunk(rows) if rows > 1 else [out]
+        return [outs[i[0]] if len(i) == 1 else outs[i[0]] + (outs[i[1]] - outs[i[0]]) * scale for i, scale in plans]
+
+
+def _index(branches, cond, variant):
+    """Index of the branch (cond by identity, variant by value) in ``branches``, appended if new."""
+    for i, (c, v) in enumerate(branches):
+        if c is cond and v == variant:
+            return i
+    branches.append((cond, variant))
+    return len(branches) - 1
+
+
+def _same_args(a, b):
+    return a.keys() == b.keys() and all(a[k] is b[k] or (isinstance(a[k], (int, float, str)) and a[k] == b[k])
+                                        for k in a)
 
 
 def _denoiser(name, d):
@@ -142,18 +168,24 @@ def _scales(uncond, given, paper):
     return tuple(p if s is None else float(s) for s, p in zip(given, paper))
 
 
-def _roles(main, strong, weak, shared, options=None):
-    """Roles from three legs ``(denoiser, cond, uncond, scale)``; each model gets one SharedCFG for all its legs."""
-    wrapped = {}
+def _roles(main, strong, weak, shared, options=None, variants=None):
+    """Roles from three legs ``(denoiser, cond, uncond, scale[, variant])``.
 
-    def leg(denoiser, cond, uncond, scale):
-        if uncond is None:
+    Each model gets one SharedCFG for all its legs where it needs one: for CFG, for ``variants`` (a LoRA or MoE
+    routing), or to batch both reflection legs on one network.
+    """
+    wrapped = {}
+    one_network = strong[0] is weak[0]
+
+    def leg(denoiser, cond, uncond, scale, variant=None):
+        if uncond is None and variants is None and not one_network:
             return denoiser, {**cond, **shared}
-        cfg = wrapped.setdefault(id(denoiser), SharedCFG(denoiser))
-        return cfg, {'cond': cond, 'uncond': uncond, 'cond_scale': scale, **shared}
+        cfg = wrapped.setdefault(id(denoiser), SharedCFG(denoiser, variants))
+        ea = {'cond': cond, 'uncond': uncond, 'cond_scale': scale, **shared}
+        return cfg, ea if variant is None else {**ea, 'variant': variant}
 
     (m, m_ea), (s, s_ea), (w, w_ea) = leg(*main), leg(*strong), leg(*weak)
-    same = all(a is b for a, b in zip(main[:3], strong[:3])) and main[3] == strong[3]
+    same = all(a is b for a, b in zip(main[:3], strong[:3])) and main[3:] == strong[3:]
     return Roles(main=m, extra_args=m_ea, strong=None if same else s, strong_extra_args=None if same else s_ea,
                  weak=w, weak_extra_args=w_ea, options=dict(options or {}))
 
@@ -211,35 +243,41 @@ def lora(model, switchable_lora, cond=None, uncond=None, *, strong_lora=0.8, wea
          main_scale=None, strong_scale=None, weak_scale=None, shared=None):
     """One denoiser with a LoRA at two scales (paper: strong 0.8, weak -1.5, main 0.8; CFG 1.0 legs, main 5.5).
 
-    ``switchable_lora`` is a :mod:`w2sd_samplers.lora` object; ``main_lora`` defaults to ``strong_lora``.
+    ``switchable_lora`` is a :class:`w2sd_samplers.lora.SwitchableLoRA` on ``model``'s network; ``main_lora``
+    defaults to ``strong_lora``. The scale travels with each call (per batch row when legs are batched).
     """
     from . import lora as lora_module  # the LoRA machinery is only needed for this pair
 
     _denoiser('model', model)
-    scaled = {}
-    for s in (strong_lora, weak_lora, main_lora):
-        if s is not None and s not in scaled:
-            scaled[s] = lora_module.scaled(model, switchable_lora, s)
-    strong = scaled[strong_lora]
-    return weights(strong, scaled[weak_lora], cond, uncond, main=scaled.get(main_lora, strong),
-                   main_scale=main_scale, strong_scale=strong_scale, weak_scale=weak_scale, shared=shared)
+    if not isinstance(switchable_lora, lora_module.SwitchableLoRA):
+        raise TypeError(f'switchable_lora must be a SwitchableLoRA, not {type(switchable_lora).__name__}')
+    main_lora = strong_lora if main_lora is None else main_lora
+    loras = [lora_module.check_scale(name, s) for name, s in
+             (('main_lora', main_lora), ('strong_lora', strong_lora), ('weak_lora', weak_lora))]
+    cond = {} if cond is None else _dict('cond', cond)
+    uncond = None if uncond is None else _dict('uncond', uncond)
+    scales = _scales(uncond, (main_scale, strong_scale, weak_scale), (5.5, 1., 1.))
+    return _roles(*[(model, cond, uncond, c, s) for c, s in zip(scales, loras)], _dict('shared', shared, {}),
+                  variants=switchable_lora)
 
 
 def moe(model, routing, cond=None, uncond=None, *, main_scale=None, strong_scale=None, weak_scale=None,
         shared=None):
     """One mixture-of-experts denoiser routed to its top-k experts (strong, main) vs its bottom-k (weak).
 
-    ``routing`` is a :mod:`w2sd_samplers.moe` routing object. Paper (DiT-MoE-S, Table 3): CFG 1.5 for every leg.
+    ``routing`` is a :class:`w2sd_samplers.moe.ExpertRouting` on ``model``'s network; the routing travels with
+    each call (per batch row when legs are batched). Paper (DiT-MoE-S, Table 3): CFG 1.5 for every leg.
     """
     from . import moe as moe_module  # the routing machinery is only needed for this pair
 
     _denoiser('model', model)
+    if not isinstance(routing, moe_module.ExpertRouting):
+        raise TypeError(f'routing must be an ExpertRouting, not {type(routing).__name__}')
     cond = {} if cond is None else _dict('cond', cond)
     uncond = None if uncond is None else _dict('uncond', uncond)
     scales = _scales(uncond, (main_scale, strong_scale, weak_scale), (1.5, 1.5, 1.5))
-    top, bottom = moe_module.routed(model, routing, 'top'), moe_module.routed(model, routing, 'bottom')
-    return _roles((top, cond, uncond, scales[0]), (top, cond, uncond, scales[1]), (bottom, cond, uncond, scales[2]),
-                  _dict('shared', shared, {}))
+    return _roles(*[(model, cond, uncond, c, m) for c, m in zip(scales, ('top', 'top', 'bottom'))],
+                  _dict('shared', shared, {}), variants=routing)
 
 
 def pipeline(model, extra, cond=None, uncond=None, *, uncond_extra=None, main_scale=None, strong_scale=None,

@@ -10,7 +10,8 @@ VE coordinates (``x = x0 + sigma * eps``, Euler derivative ``(x - D) / sigma``):
 with ``sw = sigma`` (``weak_sigma="current"``, the paper's Eq. 5 and the official code) or ``sw = sigma_next``
 (``"next"``, textbook inversion). To first order it moves x by ``(h / sigma) (D_strong - D_weak)``.
 ``form="anchored"`` evaluates both legs at ``(x, sigma)``: ``x + (h / sigma_next) (D_strong - D_weak)``, which is
-exactly the identity when weak equals strong.
+exactly the identity when weak equals strong; its gain h / sigma_next is capped at 1 / eps of x's dtype (a step to
+a tiny sigma_next), and on a shared network (``pairs.SharedCFG``) both legs run as one batched forward.
 """
 import math
 import numbers
@@ -19,6 +20,8 @@ import torch
 
 WEAK_SIGMAS = ('current', 'next')
 FORMS = ('paper', 'anchored')
+# Far beyond any useful strength (the paper uses 1), and small enough that x + strength * displacement stays finite.
+MAX_STRENGTH = 1000.
 
 
 def resolve_extra_args(spec, main_extra_args):
@@ -27,27 +30,62 @@ def resolve_extra_args(spec, main_extra_args):
     return spec(main_extra_args) if callable(spec) else spec
 
 
+def check_denoiser(role, denoiser):
+    """``denoiser`` itself, after checking that it can be a k-diffusion denoiser; errors name the role."""
+    if isinstance(denoiser, torch.nn.Module) and type(denoiser).__module__.startswith('diffusers.'):
+        raise TypeError(f'the {role} denoiser is a diffusers {type(denoiser).__name__}, not a k-diffusion denoiser '
+                        f'D(x, sigma, **extra_args): wrap it first, e.g. w2sd_samplers.adapters.unet_denoiser(unet, '
+                        f'pipe.scheduler) (see w2sd_samplers.adapters for the other families)')
+    if not callable(denoiser):
+        raise TypeError(f'the {role} denoiser must be callable, got {type(denoiser).__name__}')
+    return denoiser
+
+
+def _check_output(role, out, x):
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f'the {role} denoiser returned {got} for an input of shape {tuple(x.shape)}; '
+                         f'a k-diffusion denoiser must return a denoised estimate shaped like x')
+    return out
+
+
 def checked(role, denoiser):
     """``denoiser`` with a check that its output is shaped like its input; errors name the role."""
     def call(x, sigma, **extra_args):
-        out = denoiser(x, sigma, **extra_args)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f'the {role} denoiser returned {got} for an input of shape {tuple(x.shape)}; '
-                             f'a k-diffusion denoiser must return a denoised estimate shaped like x')
-        return out
+        return _check_output(role, denoiser(x, sigma, **extra_args), x)
     return call
 
 
 def _call(role, denoiser, x, sigma, extra_args):
-    return checked(role, denoiser)(x, sigma * x.new_ones([x.shape[0]]), **extra_args)
+    return _check_output(role, denoiser(x, x.new_full([x.shape[0]], sigma), **extra_args), x)
+
+
+def legs_at(x, sigma, legs, roles):
+    """The outputs of several legs ``(denoiser, extra_args)`` at the same ``(x, sigma)``, sigma a ``[B]`` tensor.
+
+    Legs on one denoiser that has a ``joint(x, sigma, [extra_args, ...])`` method (``pairs.SharedCFG``: a LoRA
+    scale, MoE routing, prompt or CFG scale per leg) run as one batched forward; the others one call each.
+    """
+    outs = [None] * len(legs)
+    for i, (d, ea) in enumerate(legs):
+        if outs[i] is not None:
+            continue
+        group = [j for j in range(i, len(legs)) if legs[j][0] is d] if hasattr(d, 'joint') else [i]
+        if len(group) == 1:
+            outs[i] = _check_output(roles[i], d(x, sigma, **ea), x)
+            continue
+        got = d.joint(x, sigma, [legs[j][1] for j in group])
+        for j, out in zip(group, got):
+            outs[j] = _check_output(roles[j], out, x)
+    return outs
 
 
 def reflect(x, sigma, sigma_next, strong, weak, strong_extra_args=None, weak_extra_args=None, *,
-            strength=1., weak_sigma='current', form='paper', reflections=1):
+            strength=1., weak_sigma='current', form='paper', reflections=1, roles=('strong', 'weak')):
     """Reflect ``x`` at ``sigma`` over the step to ``sigma_next > 0``; returns a new tensor.
 
-    ``strong`` and ``weak`` are k-diffusion denoisers ``D(x, sigma[B], **extra_args)``.
+    ``strong`` and ``weak`` are k-diffusion denoisers ``D(x, sigma[B], **extra_args)``; ``roles`` names them in
+    errors.
     """
     check_options(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
     if not float(sigma_next) > 0:
@@ -58,24 +96,29 @@ def reflect(x, sigma, sigma_next, strong, weak, strong_extra_args=None, weak_ext
     ea_s = {} if strong_extra_args is None else strong_extra_args
     ea_w = {} if weak_extra_args is None else weak_extra_args
     for _ in range(reflections):
-        x = _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form)
+        x = _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form, roles)
     return x
 
 
-def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form):
+def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak_sigma, form, roles):
+    # Step ratios are formed first (in float64), so that fp16 latents at sigma ~ 700 never hold h * (x - D).
+    sigma, sigma_next = float(sigma), float(sigma_next)
     h = sigma - sigma_next
-    d_strong = _call('strong', strong, x, sigma, ea_s)
     if form == 'anchored':
-        return x + (strength * h / sigma_next) * (d_strong - _call('weak', weak, x, sigma, ea_w))
-    x_strong = x - h * (x - d_strong) / sigma
+        d_strong, d_weak = legs_at(x, x.new_full([x.shape[0]], sigma), [(strong, ea_s), (weak, ea_w)], roles)
+        # Past 1 / eps the amplified difference is rounding noise as large as D itself: cap it (tiny sigma_next).
+        gain = min(h / sigma_next, 1 / torch.finfo(x.dtype).eps)
+        return x + (strength * gain) * (d_strong - d_weak)
+    x_strong = x - (h / sigma) * (x - _call(roles[0], strong, x, sigma, ea_s))
     sw = sigma if weak_sigma == 'current' else sigma_next
-    x_back = x_strong + h * (x_strong - _call('weak', weak, x_strong, sw, ea_w)) / sw
+    x_back = x_strong + (h / sw) * (x_strong - _call(roles[1], weak, x_strong, sw, ea_w))
     return x + strength * (x_back - x)
 
 
 def check_options(*, strength, weak_sigma, form, reflections):
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength):
-        raise ValueError(f'strength must be a finite number (1.0 = the paper), got {strength!r}')
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not abs(strength) <= MAX_STRENGTH:
+        raise ValueError(f'strength must be a finite number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] '
+                         f'(1.0 = the paper), got {strength!r}')
     if weak_sigma not in WEAK_SIGMAS:
         raise ValueError(f'weak_sigma must be one of {WEAK_SIGMAS}, got {weak_sigma!r}')
     if form not in FORMS:
@@ -98,6 +141,8 @@ def check_sigmas(sigmas):
         raise ValueError('sigmas must be >= 0 (found a negative sigma)')
     if (sigmas[1:] > sigmas[:-1]).any():
         raise ValueError('sigmas must be non-increasing (noisiest first, as k-diffusion schedules are)')
+    if not sigmas[0] > 0:
+        raise ValueError('sigmas must start above 0 (got a schedule of zeros): sampling starts from noise')
 
 
 def window_bounds(sigma_window):
@@ -118,7 +163,8 @@ def reflected_steps(sigmas, lam=None, sigma_window=None):
 
     ``lam``: reflect the first ``lam`` steps (the noisiest); default ``len(sigmas) - 2``, i.e. every step but
     the last (the paper's T=50, lambda=49). ``sigma_window=(lo, hi)``: reflect the steps with
-    ``lo <= sigmas[i] <= hi`` instead. A step into sigma = 0 never reflects.
+    ``lo <= sigmas[i] <= hi`` instead. A step into sigma = 0 and a zero-length step (a repeated sigma) never
+    reflect.
     """
     n = len(sigmas) - 1
     if lam is not None and sigma_window is not None:
@@ -131,7 +177,7 @@ def reflected_steps(sigmas, lam=None, sigma_window=None):
         if isinstance(lam, bool) or not isinstance(lam, numbers.Integral) or lam < 0:
             raise ValueError(f'lam (number of reflected steps) must be an integer >= 0, got {lam!r}')
         chosen = [i < lam for i in range(n)]
-    return [c and float(sigmas[i + 1]) > 0 for i, c in enumerate(chosen)]
+    return [c and float(sigmas[i]) > float(sigmas[i + 1]) > 0 for i, c in enumerate(chosen)]
 
 
 class Reflection:
@@ -162,9 +208,12 @@ class Reflection:
         if weak is None:
             raise TypeError('W2SD needs a weak denoiser: pass weak=<callable D(x, sigma, **extra_args)> '
                             '(see w2sd_samplers.pairs for CFG, prompt, LoRA and checkpoint pairs)')
+        if not isinstance(extra_args, dict):
+            raise TypeError(f'extra_args must be a dict of keyword arguments for the model, '
+                            f'got {type(extra_args).__name__}')
         for role, d in (('main', model), ('weak', weak), ('strong', strong)):
-            if d is not None and not callable(d):
-                raise TypeError(f'the {role} denoiser must be callable, got {type(d).__name__}')
+            if d is not None:
+                check_denoiser(role, d)
         for role, ea in (('weak', weak_extra_args), ('strong', strong_extra_args)):
             if ea is not None and not (callable(ea) or isinstance(ea, dict)):
                 raise TypeError(f'{role}_extra_args must be a dict or a function of the main extra_args, '
@@ -175,7 +224,8 @@ class Reflection:
                             'with a callable weak denoiser (see pairs.compose(..., successive=True))')
         self.main = checked('main', model)
         self.sigmas, self.extra_args = sigmas, extra_args
-        self.pairs = tuple((model if s is None else s, w, s_ea, w_ea)
+        # A strong leg left to default is the main model: its errors are the main model's.
+        self.pairs = tuple((model if s is None else s, w, s_ea, w_ea, ('main' if s is None else 'strong', 'weak'))
                            for s, w, s_ea, w_ea in ((strong, weak, strong_extra_args, weak_extra_args),) + then)
         self.options = dict(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
         self.steps = reflected_steps(sigmas, lam, sigma_window) if strength != 0 else [False] * (len(sigmas) - 1)
@@ -184,8 +234,9 @@ class Reflection:
         if not self.steps[i]:
             return x
         ea = self.extra_args
-        for strong, weak, strong_spec, weak_spec in self.pairs:
+        for strong, weak, strong_spec, weak_spec, roles in self.pairs:
             ea_s = ea if strong_spec is None else resolve_extra_args(strong_spec, ea)
             ea_w = ea if weak_spec is None else resolve_extra_args(weak_spec, ea)
-            x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, **self.options)
+            x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, roles=roles,
+                        **self.options)
         return x

@@ -21,11 +21,20 @@ OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.va
 
 
 def _w2sd_signature(fn):
-    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``."""
+    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``; an unknown keyword is
+    reported against ``fn``."""
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     options = [p for p in inspect.signature(Reflection).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    fn.__signature__ = inspect.Signature(params + options)
-    return fn
+
+    @functools.wraps(fn)
+    def sample(*args, **kwargs):
+        unknown = sorted(kwargs.keys() - {p.name for p in params + options})
+        if unknown:
+            raise TypeError(f'{fn.__name__}() got an unexpected keyword argument {unknown[0]!r} (W2SD options: '
+                            f'{", ".join(OPTION_NAMES)})')
+        return fn(*args, **kwargs)
+    sample.__signature__ = inspect.Signature(params + options)
+    return sample
 
 
 def _setup(model, x, sigmas, extra_args, w2sd):
@@ -94,8 +103,8 @@ def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None
                                 noise_sampler=None, **w2sd):
     """Ancestral Euler steps with W2SD reflections (the reflection spans sigma_i -> sigma_{i+1})."""
     K = _kdiff.sampling()
-    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -163,8 +172,8 @@ def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None
                                 noise_sampler=None, **w2sd):
     """Ancestral DPM-Solver-2 steps with W2SD reflections."""
     K = _kdiff.sampling()
-    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -209,8 +218,8 @@ def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=N
                                    s_noise=1., noise_sampler=None, **w2sd):
     """Ancestral DPM-Solver++(2S) with W2SD reflections."""
     K = _kdiff.sampling()
-    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -238,8 +247,8 @@ def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disa
                           noise_sampler=None, r=1 / 2, **w2sd):
     """DPM-Solver++ (stochastic) with W2SD reflections; Brownian-tree noise by default, as k-diffusion."""
     K = _kdiff.sampling()
-    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -295,8 +304,8 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
     """DPM-Solver++(2M) SDE (midpoint or heun) with W2SD reflections."""
     if solver_type not in {'heun', 'midpoint'}:
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
-    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     old_denoised, h_last = None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
@@ -328,8 +337,8 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
 def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, **w2sd):
     """DPM-Solver++(3M) SDE with W2SD reflections; two past denoised estimates carry across reflections."""
-    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)

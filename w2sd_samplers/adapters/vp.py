@@ -45,6 +45,13 @@ def alphas_cumprod(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0
     else:
         raise ValueError(f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2' "
                          f"(or pass trained_betas), got {beta_schedule!r}")
+    if betas.ndim != 1 or len(betas) == 0 or not (torch.isfinite(betas).all() and (betas >= 0).all()
+                                                  and (betas < 1).all()):
+        given = 'trained_betas' if trained_betas is not None else f'beta_start={beta_start!r}, beta_end={beta_end!r}'
+        raise ValueError(f'the betas must be a non-empty list of numbers in [0, 1) (check {given} in the scheduler '
+                         'config): others give NaN or infinite sigmas')
+    if not (isinstance(snr_shift_scale, (int, float)) and math.isfinite(snr_shift_scale) and snr_shift_scale > 0):
+        raise ValueError(f'snr_shift_scale must be a finite number > 0, got {snr_shift_scale!r}')
     ac = torch.cumprod(1 - betas, 0)
     ac = ac / (snr_shift_scale + (1 - snr_shift_scale) * ac)
     if zero_terminal_snr:

@@ -232,6 +232,7 @@ def run_overhead(args, out):
         text.append(f'| {size} | {base / 2**20:.1f} MiB | {lora / 2**20:.2f} MiB | {(base + lora) / 2**20:.1f} MiB | '
                     f'{(base + lora) / base:.4f} |')
     text += ['', 'A weight pair made of two full checkpoints would instead hold 2× the base.', '']
+    text += overhead.pair_batching_table(args.unet, steps, device=args.device, dtype=dtype)
     return '\n'.join(text)
 
 

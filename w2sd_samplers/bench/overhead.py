@@ -1,5 +1,6 @@
 """Overhead and scale: wall time per NFE of every W2SD sampler against bare denoiser calls, UNet passes per image
-at the paper's settings, and the parameter memory of a LoRA pair against its base model.
+at the paper's settings, forward launches and batch rows of each shared-network pair with its legs batched or not,
+and the parameter memory of a LoRA pair against its base model.
 
 Runs a random-weight ``diffusers.UNet2DConditionModel`` built from a config: 'tiny' or 'tiny-xl' (CPU, CI), or 'sd15' / 'sdxl'
 (the real architectures' sizes, for a GPU: ``w2sd bench overhead --unet sdxl --device cuda --dtype float16``).
@@ -8,7 +9,7 @@ import time
 
 import torch
 
-from .. import sampling
+from .. import lora, moe, pairs, sampling
 from ..cfg import CFGDenoiser
 from ..nfe import CallCounter
 
@@ -73,14 +74,14 @@ def _to(c, device, dtype):
 
 
 class _Eps(torch.nn.Module):
-    """The UNet as an eps model ``(x, t, **cond)``, counting UNet passes per image (batch rows)."""
+    """The UNet as an eps model ``(x, t, **cond)``, counting forward launches and UNet passes (batch rows)."""
 
     def __init__(self, unet):
         super().__init__()
-        self.unet, self.rows = unet, 0
+        self.unet, self.rows, self.calls = unet, 0, 0
 
     def forward(self, x, t, **cond):
-        self.rows += x.shape[0]
+        self.rows, self.calls = self.rows + x.shape[0], self.calls + 1
         return self.unet(x, t, **cond).sample
 
 
@@ -174,3 +175,103 @@ def lora_memory(size='tiny', rank=4):
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
         total = sum(p.numel() * p.element_size() for p in unet.parameters())
     return base, total - base
+
+
+class _MoEEps(torch.nn.Module):
+    """The UNet's eps plus a small mixture of experts over its pixels (top-2 of 4 per-pixel experts), so that the
+    MoE pair runs on a network of the same size as the others."""
+
+    def __init__(self, eps, channels=4, experts=4):
+        super().__init__()
+        self.eps, self.top_k = eps, 2
+        self.gate = torch.nn.Linear(channels, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(channels, channels) for _ in range(experts))
+
+    def forward(self, x, t, **cond):
+        h = x.movedim(1, -1).reshape(-1, x.shape[1])             # pixels as tokens, batch-major
+        weight, idx = self.gate(h).softmax(-1).topk(self.top_k, -1)
+        mixed = sum(w[:, None] * torch.stack([e(h) for e in self.experts], 1)[torch.arange(len(h)), i]
+                    for w, i in zip(weight.T, idx.T))
+        return self.eps(x, t, **cond) + 0.1 * mixed.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def _pair_roles(kind, model, eps, cond, weak_cond, uncond):
+    """(batched, unbatched) roles of one pair kind: pair builders vs the same legs as separate denoisers."""
+    cfg = CFGDenoiser(model)
+    main = dict(cond=cond, uncond=uncond, cond_scale=5.5)
+    if kind == 'guidance':
+        return pairs.guidance(model, cond, uncond), pairs.Roles(main=cfg, extra_args=main, weak=cfg,
+                                                               weak_extra_args={**main, 'cond_scale': 0.})
+    if kind == 'prompt':
+        legs = dict(strong=cfg, strong_extra_args={**main, 'cond_scale': 1.}, weak=cfg,
+                    weak_extra_args=dict(cond=weak_cond, uncond=uncond, cond_scale=1.))
+        return pairs.prompt(model, cond, weak_cond, uncond), pairs.Roles(main=cfg, extra_args=main, **legs)
+    if kind == 'lora':
+        targets = [n for n, m in eps.named_modules() if n.rpartition('.')[2] in ('to_q', 'to_v')]
+        g = torch.Generator().manual_seed(3)
+        layers = dict(eps.named_modules())
+        state = {f'{n}.lora_{p}.weight': torch.randn(shape, generator=g) * 0.1 for n in targets for p, shape in
+                 (('A', (4, layers[n].in_features)), ('B', (layers[n].out_features, 4)))}
+        sl = lora.SwitchableLoRA(eps, state)
+        strong, weak = lora.scaled(model, sl, 0.8), lora.scaled(model, sl, -1.5)
+        return pairs.lora(model, sl, cond, uncond), pairs.weights(strong, weak, cond, uncond)
+    routing = moe.ExpertRouting(eps)
+    top, bottom = moe.routed(model, routing, 'top'), moe.routed(model, routing, 'bottom')
+    return pairs.moe(model, routing, cond, uncond), pairs.weights(top, bottom, cond, uncond, main_scale=1.5,
+                                                                 strong_scale=1.5, weak_scale=1.5)
+
+
+PAIR_KINDS = ('guidance', 'prompt', 'lora', 'moe')
+
+
+def pair_batching(size='tiny', steps=10, batch=1, device='cpu', dtype=torch.float32, kinds=PAIR_KINDS):
+    """Rows ``(kind, form, launches, launches batched, rows per image, rows per image batched, wall time batched /
+    unbatched)`` of W2SD Euler (every step but the last reflects) on each pair kind with its legs as separate
+    denoisers and as built by :mod:`w2sd_samplers.pairs` (legs on one network batched where they meet at one
+    point). One timed run each after an untimed warm-up."""
+    unet = build_unet(size, device, dtype)
+    model = denoiser(unet)
+    eps = model.inner_model
+    cond, weak_cond, uncond = conds(unet, batch, 1), conds(unet, batch, 2), conds(unet, batch, 0)
+    sigmas = model.get_sigmas(steps).to(device)
+    x = torch.randn(batch, 4, unet.config.sample_size, unet.config.sample_size,
+                    generator=torch.Generator().manual_seed(0)).to(device, dtype) * sigmas[0]
+    rows = []
+    with torch.no_grad():
+        for kind in kinds:
+            if kind == 'moe':
+                model.inner_model = _MoEEps(eps).to(device, dtype)
+            roles = _pair_roles(kind, model, model.inner_model, cond, weak_cond, uncond)
+            for form in ('paper', 'anchored'):
+                counts = []
+                for r in roles[::-1]:                   # unbatched first
+                    run = lambda s: sampling.sample_w2sd_euler(  # noqa: E731
+                        r.main, x, s, extra_args=r.extra_args, disable=True, **r.w2sd(form=form))
+                    run(sigmas[-3:])
+                    counter = model.inner_model.eps if kind == 'moe' else model.inner_model
+                    counter.calls = counter.rows = 0
+                    _sync(device)
+                    start = time.perf_counter()
+                    run(sigmas)
+                    _sync(device)
+                    counts.append((counter.calls, counter.rows / batch, time.perf_counter() - start))
+                (n, r_n, t), (n_b, r_b, t_b) = counts
+                rows.append((kind, form, n, n_b, r_n, r_b, t_b / t))
+            model.inner_model = eps
+    return rows
+
+
+def pair_batching_table(size='tiny', steps=10, device='cpu', dtype=torch.float32):
+    """Markdown lines for :func:`pair_batching`."""
+    lam = steps - 1
+    text = [f'Forward launches and UNet passes (batch rows) per image of W2SD Euler, T={steps}, λ={lam}, batch 1, on '
+            'each shared-network pair: legs as separate denoisers vs built by `w2sd_samplers.pairs`, whose '
+            '`SharedCFG` runs the legs that meet at one point (the anchored form\'s strong and weak) as one '
+            f'forward: T + λ = {steps + lam} launches instead of T + 2λ = {steps + 2 * lam}. Main step CFG 5.5; '
+            'legs CFG 5.5 vs 0 (guidance), 1 (prompt, LoRA 0.8 vs -1.5), 1.5 everywhere (MoE: the UNet plus a '
+            'per-pixel top-2 of 4 mixture). Wall time: one timed run each, batched / unbatched.', '',
+            '| pair | form | launches | launches batched | passes per image | passes batched | wall batched / '
+            'unbatched |', '|---|---|---|---|---|---|---|']
+    text += [f'| {kind} | {form} | {n} | {n_b} | {r:g} | {r_b:g} | {ratio:.2f} |'
+             for kind, form, n, n_b, r, r_b, ratio in pair_batching(size, steps, device=device, dtype=dtype)]
+    return text + ['']
