@@ -34,6 +34,7 @@ class Inpaint:
 
 class RoleGuider:
     handles_w2sd_roles = True
+    weak_conds_are_strong = False
 
     def __init__(self, **denoisers):
         self.denoisers = denoisers
@@ -43,16 +44,19 @@ class RoleGuider:
 
 
 class CFGGuider:
-    """What ComfyUI's sampling_function does with cond/uncond and post-CFG functions."""
+    """What ComfyUI's sampling_function does with cond/uncond and post-CFG functions; ``uncond=None`` is its
+    BasicGuider: no negative conds, and a zero tensor in place of the unconditional prediction."""
 
     def __init__(self, cond, uncond, cfg):
         self.cond, self.uncond, self.cfg = cond, uncond, cfg
 
     def __call__(self, x, sigma, model_options={}, seed=None):
-        c, u = self.cond(x, sigma), self.uncond(x, sigma)
+        c = self.cond(x, sigma)
+        u = torch.zeros_like(x) if self.uncond is None else self.uncond(x, sigma)
         out = u + (c - u) * self.cfg
         for fn in model_options.get('sampler_post_cfg_function', []):
-            out = fn({'denoised': out, 'cond_denoised': c, 'uncond_denoised': u})
+            out = fn({'denoised': out, 'cond_denoised': c, 'uncond_denoised': u,
+                      'uncond': None if self.uncond is None else ['negative conds']})
         return out
 
 
@@ -129,10 +133,101 @@ def test_errors_name_the_fix():
     plain = Inpaint(CFGGuider(STRONG, UNCOND, 5.5))
     with pytest.raises(ValueError, match='W2SD Guider'):
         core.sample('euler', plain, x, sigmas, main)
-    with pytest.raises(ValueError, match='sampler_name'):
-        core.sampler_function('ddim')
+    with pytest.raises(ValueError, match='cfg_source = guider needs a W2SD Guider'):
+        core.sample('euler', plain, x, sigmas, main, cfg_source='guider', weak_cfg=0.)
+    with pytest.raises(ValueError, match='cfg_source must be one of'):
+        core.sample('euler', plain, x, sigmas, main, cfg_source='both', weak_cfg=0.)
+    with pytest.raises(ValueError, match='sampler_name must be one of'):
+        core.sampler_function('euler_a')
     assert core.sample('euler', plain, x, sigmas[:1], main, weak_cfg=0.) is x  # as ComfyUI's samplers do
-    assert core.SAMPLER_NAMES == list(SAMPLERS)
+
+
+@pytest.mark.parametrize('name', ['ipndm', 'uni_pc', 'dpm_adaptive', 'heunpp2', 'dpmpp_2m_cfg_pp'])
+def test_samplers_without_a_w2sd_form_are_refused_with_the_reason(name):
+    with pytest.raises(ValueError, match=f"sampler_name '{name}' cannot run with W2SD reflections: .*(multistep|"
+                                         f"schedule|step sizes)"):
+        core.sampler_function(name)
+
+
+def test_sampler_lists_are_consistent():
+    assert not set(core.SAMPLER_NAMES) & set(core.REFUSED)
+    assert set(core.SAMPLER_NAMES) == set(core.HOST_STEPS) | set(core.TWINS)
+    assert all(twin in SAMPLERS for twin, _ in core.TWINS.values())
+    assert set(core.NOT_FOR_FLOW) <= set(core.BROWNIAN)
+
+
+def test_missing_negative_is_an_error_not_a_blow_up():
+    """BasicGuider: ComfyUI hands the post-CFG function uncond=None and a zero uncond prediction."""
+    x, sigmas, main = setup()
+    basic = Inpaint(CFGGuider(STRONG, None, 1.0))
+    with pytest.raises(ValueError, match='no negative conditioning'):
+        core.sample('euler', basic, x, sigmas, main, disable=True, strong_cfg=5.5, weak_cfg=0.)
+
+
+def test_cfg_source_auto_uses_a_w2sd_guider_and_sampler_overrides_it():
+    x, sigmas, main = setup()
+    guider = RoleGuider(main=STRONG, strong=STRONG, weak=WEAK)
+    ref = sample_w2sd_euler(STRONG, x, sigmas, weak=WEAK, disable=True)
+    for source in ('auto', 'guider'):
+        out = core.sample('euler', Inpaint(guider), x, sigmas, main, disable=True, cfg_source=source,
+                          strong_cfg=5.5, weak_cfg=0.)
+        assert torch.equal(out, ref)
+    calls = []
+
+    class Recorder(RoleGuider):
+        def __call__(self, x, sigma, model_options={}, seed=None):
+            calls.append(len(model_options.get('sampler_post_cfg_function', [])))
+            return super().__call__(x, sigma, model_options, seed)
+
+    core.sample('euler', Inpaint(Recorder(main=STRONG, strong=STRONG, weak=WEAK)), x, sigmas[:3], main,
+                disable=True, cfg_source='sampler', strong_cfg=5.5, weak_cfg=0.)
+    assert calls == [1, 1, 0, 0]  # strong and weak legs carry the override, the main calls do not
+
+
+def test_a_leg_pair_that_coincides_is_refused_in_the_paper_form():
+    x, sigmas, main = setup()
+    same = RoleGuider(main=STRONG, strong=STRONG, weak=STRONG)
+    same.weak_conds_are_strong, same.strong_cfg, same.weak_cfg = True, 1.0, 1.0
+    with pytest.raises(ValueError, match='weak reflection leg equals the strong one'):
+        core.sample('euler', Inpaint(same), x, sigmas, main, disable=True)
+    with pytest.raises(ValueError, match='weak reflection leg equals the strong one'):
+        core.sample('euler', Inpaint(CFGGuider(STRONG, UNCOND, 5.5)), x, sigmas, main, strong_cfg=2., weak_cfg=2.)
+    # the anchored form is then exactly the identity, and strength 0 the plain sampler: both allowed
+    plain = K_euler(x, sigmas)
+    assert torch.equal(core.sample('euler', Inpaint(same), x, sigmas, main, disable=True, form='anchored'), plain)
+    assert torch.equal(core.sample('euler', Inpaint(same), x, sigmas, main, disable=True, strength=0.), plain)
+    same.weak_cfg = 0.0  # a CFG pair on the same conds is a real pair
+    assert not torch.equal(core.sample('euler', Inpaint(same), x, sigmas, main, disable=True), plain)
+
+
+def K_euler(x, sigmas):
+    return _kdiff.sampling().sample_euler(STRONG, x, sigmas, disable=True)
+
+
+def test_host_step_samplers_run_the_hosts_own_function_step_by_step(monkeypatch):
+    """A CFG++-style host function writes into extra_args: the caller's dict stays as it was, and with reflection
+    off the result is the host function's own, bit for bit."""
+    x, sigmas, main = setup()
+    K = _kdiff.sampling()
+    seen_models = []
+
+    def host_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen_models.append(model)
+        extra_args['model_options'] = {**extra_args['model_options'], 'sampler_post_cfg_function': [id]}
+        return K.sample_euler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+    monkeypatch.setattr(K, 'sample_w2sd_test_host', host_euler, raising=False)
+    monkeypatch.setitem(core.HOST_STEPS, 'host', 'w2sd_test_host')
+    model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
+    before = {k: v for k, v in main.items()}
+    steps = []
+    off = core.sample('host', model, x, sigmas, main, disable=True, strength=0., callback=lambda d: steps.append(d['i']))
+    assert torch.equal(off, host_euler(model, x, sigmas, extra_args=dict(main), disable=True))
+    assert steps == list(range(len(sigmas) - 1))
+    assert main == before and 'sampler_post_cfg_function' not in main['model_options']
+    assert all(m is model for m in seen_models)  # the host function gets ComfyUI's model, not a wrapper
+    on = core.sample('host', model, x, sigmas, main, disable=True, lam=3)
+    assert torch.equal(on, sample_w2sd_euler(STRONG, x, sigmas, weak=WEAK, lam=3, disable=True))
 
 
 def test_noise_built_the_comfyui_way(monkeypatch):
@@ -144,12 +239,19 @@ def test_noise_built_the_comfyui_way(monkeypatch):
     _kdiff.set_backend(fake)
     try:
         x, sigmas, _ = setup()
-        assert core.noise_sampler('euler_ancestral', x, sigmas, 7) == 'gen'
-        assert core.noise_sampler('dpmpp_2m_sde', x, sigmas, 7) == 'tree'
-        assert core.noise_sampler('dpmpp_2m', x, sigmas, 7) is None
+        def with_noise(model, x, sigmas, noise_sampler=None):
+            pass
+
+        def without_noise(model, x, sigmas):
+            pass
+
+        assert core.noise_sampler('euler_ancestral', with_noise, x, sigmas, 7) == 'gen'
+        assert core.noise_sampler('dpmpp_2m_sde', with_noise, x, sigmas, 7) == 'tree'
+        assert core.noise_sampler('dpmpp_sde_gpu', with_noise, x, sigmas, 8) == 'tree'
+        assert core.noise_sampler('dpmpp_2m', without_noise, x, sigmas, 7) is None
     finally:
         _kdiff.set_backend(None)
-    assert calls == [('generator', 7), ('tree', 0.3, 10., 7, True)]
+    assert calls == [('generator', 7), ('tree', 0.3, 10., 7, True), ('tree', 0.3, 10., 8, False)]
 
 
 def test_ve_noise_samplers_refuse_flow_models(monkeypatch):
@@ -160,5 +262,5 @@ def test_ve_noise_samplers_refuse_flow_models(monkeypatch):
     guider = RoleGuider(main=STRONG, strong=STRONG, weak=WEAK)
     guider.inner_model = types.SimpleNamespace(model_sampling=CONST())
     with pytest.raises(ValueError, match='flow'):
-        core.sample('euler_ancestral', Inpaint(guider), x, sigmas, main)
+        core.sample('dpmpp_2m_sde', Inpaint(guider), x, sigmas, main)
     assert torch.isfinite(core.sample('euler', Inpaint(guider), x, sigmas, main, disable=True)).all()

@@ -1,25 +1,46 @@
 """ComfyUI nodes for W2SD: a SAMPLER, a GUIDER and an all-in-one KSampler-style node."""
+import inspect
+import sys
+
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .core import FORMS, ROLE_KEY, SAMPLER_NAMES, WEAK_SIGMAS, sampler_function, w2sd_options
+from .core import (CFG_SOURCES, FORMS, INPAINT_OPTIONS, REFUSED, ROLE_KEY, SAMPLER_NAMES, WEAK_SIGMAS,
+                   sampler_function, w2sd_options)
 
-CATEGORY = 'sampling/w2sd'
+# The categories of ComfyUI's own sampling nodes: "model/sampling" (KSampler), ".../samplers" and ".../guiders"
+# since 2026; "sampling" and "sampling/custom_sampling/..." before. ComfyUI has imported its nodes.py by now.
+SAMPLING = getattr(getattr(sys.modules.get('nodes'), 'KSampler', None), 'CATEGORY', 'model/sampling')
+CUSTOM_SAMPLING = SAMPLING if SAMPLING.startswith('model/') else SAMPLING + '/custom_sampling'
+# Keys of a LATENT that describe its input, not the sampled result: the stock KSampler drops them.
+LATENT_RATIO_KEYS = ('downscale_ratio_spacial', 'downscale_ratio_temporal')
+
+STRONG_CFG, WEAK_CFG = 5.5, 0.0  # the CFG pair (Z-Sampling): works with any guider that has a negative
 CFG = {'min': -100.0, 'max': 100.0, 'step': 0.1, 'round': 0.01}
+SAMPLER_TOOLTIP = ('base sampler; each reflected step reflects the latent, then takes this sampler\'s step. '
+                   'Not offered: ' + ', '.join(sorted(REFUSED)) + ' (multistep without a W2SD twin yet, or their '
+                   'own schedule: see docs/comfyui.md)')
+STRONG_TOOLTIP = 'CFG of the reflection\'s strong leg'
+WEAK_TOOLTIP = ('CFG of the reflection\'s weak leg. With a plain CFG guider the weak leg differs from the strong '
+                'one only by this CFG (paper, Z-Sampling: strong 5.5, weak 0); with weak conds use 1.0 for both')
 
 
 def reflection_inputs():
     return {
         'lam': ('INT', {'default': -1, 'min': -1, 'max': 10000,
-                        'tooltip': 'reflect the first lam steps (the noisiest); -1 = every step but the last'}),
+                        'tooltip': 'reflect the first lam steps (the noisiest); -1 = every step but the last '
+                                   '(the paper)'}),
         'strength': ('FLOAT', {'default': 1.0, 'min': -10.0, 'max': 10.0, 'step': 0.05,
-                               'tooltip': 'scales the reflection; 1 = the paper, 0 = plain sampling'}),
-        'weak_sigma': (list(WEAK_SIGMAS), {'tooltip': 'noise level of the weak inversion: current (paper) or next'}),
-        'form': (list(FORMS), {'tooltip': 'paper: strong denoise then weak inversion; anchored: both legs at x'}),
-        'reflections': ('INT', {'default': 1, 'min': 1, 'max': 10, 'tooltip': 'reflections per reflected step'}),
+                               'tooltip': 'scales the reflection; 1 = the paper, 0 = the base sampler unchanged'}),
+        'weak_sigma': (list(WEAK_SIGMAS), {'tooltip': 'noise level of the weak inversion: current (the paper) or '
+                                                      'next (textbook inversion)'}),
+        'form': (list(FORMS), {'tooltip': 'paper: strong denoising step, then weak inversion; anchored: both legs '
+                                          'at the current latent (the identity when weak equals strong)'}),
+        'reflections': ('INT', {'default': 1, 'min': 1, 'max': 10,
+                                'tooltip': 'reflections per reflected step (1 = the paper)'}),
     }
 
 
@@ -32,14 +53,16 @@ class W2SDGuider(comfy.samplers.CFGGuider):
     """
     handles_w2sd_roles = True
 
-    def set_conds(self, positive, negative, weak_positive, weak_negative):
+    def set_conds(self, positive, negative, weak_positive=None, weak_negative=None):
+        # The very objects ComfyUI passes when one output feeds both inputs: the weak leg's conds are the strong's.
+        self.weak_conds_are_strong = ((weak_positive is None or weak_positive is positive)
+                                      and (weak_negative is None or weak_negative is negative))
         self.inner_set_conds({'positive': positive, 'negative': negative,
-                              'weak_positive': weak_positive, 'weak_negative': weak_negative})
+                              'weak_positive': positive if weak_positive is None else weak_positive,
+                              'weak_negative': negative if weak_negative is None else weak_negative})
 
-    def set_cfg(self, cfg, strong_cfg=None, weak_cfg=None):
-        self.cfg = cfg
-        self.strong_cfg = cfg if strong_cfg is None else strong_cfg
-        self.weak_cfg = cfg if weak_cfg is None else weak_cfg
+    def set_cfg(self, cfg, strong_cfg=STRONG_CFG, weak_cfg=WEAK_CFG):
+        self.cfg, self.strong_cfg, self.weak_cfg = cfg, strong_cfg, weak_cfg
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         role = model_options.get(ROLE_KEY, 'main')
@@ -52,106 +75,149 @@ class W2SDGuider(comfy.samplers.CFGGuider):
 
 def make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg):
     guider = W2SDGuider(model)
-    guider.set_conds(positive, negative, positive if weak_positive is None else weak_positive,
-                     negative if weak_negative is None else weak_negative)
+    guider.set_conds(positive, negative, weak_positive, weak_negative)
     guider.set_cfg(cfg, strong_cfg, weak_cfg)
     return guider
 
 
+def make_sampler(sampler_name, options):
+    return comfy.samplers.KSAMPLER(sampler_function(sampler_name), extra_options=options,
+                                   inpaint_options=INPAINT_OPTIONS.get(sampler_name, {}))
+
+
+def guider_inputs():
+    """The W2SD Guider's inputs, shared with the W2SD KSampler."""
+    return {
+        'cfg': ('FLOAT', {'default': 5.5, **CFG, 'tooltip': 'CFG of the main step (the base sampler\'s own call)'}),
+        'strong_cfg': ('FLOAT', {'default': STRONG_CFG, **CFG, 'tooltip': STRONG_TOOLTIP + ', on positive / '
+                                 'negative'}),
+        'weak_cfg': ('FLOAT', {'default': WEAK_CFG, **CFG, 'tooltip': WEAK_TOOLTIP}),
+    }
+
+
+def weak_cond_inputs():
+    return {
+        'weak_positive': ('CONDITIONING', {'tooltip': 'positive of the weak leg (default: positive), e.g. a '
+                                           'plainer prompt; hooks on it (Create Hook LoRA / Model as LoRA) give a '
+                                           'weak LoRA strength or a weak checkpoint'}),
+        'weak_negative': ('CONDITIONING', {'tooltip': 'negative of the weak leg (default: negative); put the same '
+                                           'hooks on it as on weak_positive'}),
+    }
+
+
 class W2SDSamplerNode:
-    """SAMPLER for SamplerCustom / SamplerCustomAdvanced: any base sampler of the family with reflections."""
+    DESCRIPTION = ('W2SD (Weak-to-Strong Diffusion) sampler for SamplerCustom / SamplerCustomAdvanced: the base '
+                   'sampler with a reflection (a strong denoising step, then a weak inversion) before each of the '
+                   'first lam steps. The weak leg is a lower CFG (strong_cfg / weak_cfg) with any CFG guider, or '
+                   'the weak conds of a W2SD Guider.')
+
     @classmethod
     def INPUT_TYPES(cls):
         return {'required': {
-            'sampler_name': (SAMPLER_NAMES,),
+            'sampler_name': (SAMPLER_NAMES, {'tooltip': SAMPLER_TOOLTIP}),
             **reflection_inputs(),
-            'cfg_source': (['sampler', 'guider'], {
-                'tooltip': 'sampler: the reflection legs use strong_cfg / weak_cfg below (works with any CFG '
-                           'guider); guider: a W2SD Guider sets conds and CFG of each leg'}),
-            'strong_cfg': ('FLOAT', {'default': 5.5, **CFG}),
-            'weak_cfg': ('FLOAT', {'default': 0.0, **CFG}),
+            'cfg_source': (list(CFG_SOURCES), {
+                'tooltip': 'CFG of the reflection legs. auto: a connected W2SD Guider\'s strong/weak conds and '
+                           'CFG, else strong_cfg / weak_cfg below; sampler: strong_cfg / weak_cfg below, also '
+                           'over a W2SD Guider\'s (its weak conds are kept); guider: a W2SD Guider\'s only'}),
+            'strong_cfg': ('FLOAT', {'default': STRONG_CFG, **CFG,
+                                     'tooltip': STRONG_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
+                                                'Guider)'}),
+            'weak_cfg': ('FLOAT', {'default': WEAK_CFG, **CFG,
+                                   'tooltip': WEAK_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
+                                              'Guider)'}),
         }}
 
     RETURN_TYPES = ('SAMPLER',)
+    OUTPUT_TOOLTIPS = ('the W2SD sampler',)
     FUNCTION = 'get_sampler'
-    CATEGORY = CATEGORY
+    CATEGORY = CUSTOM_SAMPLING + '/samplers'
 
     def get_sampler(self, sampler_name, lam, strength, weak_sigma, form, reflections, cfg_source, strong_cfg,
                     weak_cfg):
-        options = w2sd_options(lam, strength, weak_sigma, form, reflections)
-        if cfg_source == 'sampler':
-            options.update(strong_cfg=strong_cfg, weak_cfg=weak_cfg)
-        return (comfy.samplers.KSAMPLER(sampler_function(sampler_name), extra_options=options),)
+        if cfg_source not in CFG_SOURCES:
+            raise ValueError(f'cfg_source must be one of {CFG_SOURCES}, got {cfg_source!r}')
+        options = dict(w2sd_options(lam, strength, weak_sigma, form, reflections), cfg_source=cfg_source,
+                       strong_cfg=strong_cfg, weak_cfg=weak_cfg)
+        return (make_sampler(sampler_name, options),)
 
 
 class W2SDGuiderNode:
-    """GUIDER: main, strong and weak conds/CFG for W2SD (use with SamplerCustomAdvanced and a W2SD sampler)."""
+    DESCRIPTION = ('Guider for W2SD: the main step on positive / negative at cfg, the reflection\'s strong leg on '
+                   'positive / negative at strong_cfg, its weak leg on weak_positive / weak_negative at weak_cfg. '
+                   'Use with SamplerCustomAdvanced and a W2SD Sampler; with any other sampler it is a CFG guider.')
+
     @classmethod
     def INPUT_TYPES(cls):
         return {'required': {
-            'model': ('MODEL',),
-            'positive': ('CONDITIONING',),
-            'negative': ('CONDITIONING',),
-            'cfg': ('FLOAT', {'default': 5.5, **CFG, 'tooltip': 'CFG of the main step'}),
-            'strong_cfg': ('FLOAT', {'default': 1.0, **CFG, 'tooltip': 'CFG of the reflection strong leg'}),
-            'weak_cfg': ('FLOAT', {'default': 1.0, **CFG, 'tooltip': 'CFG of the reflection weak leg'}),
-        }, 'optional': {
-            'weak_positive': ('CONDITIONING', {'tooltip': 'weak leg positive (default: positive); '
-                                               'hooks on it give a weak LoRA strength or checkpoint'}),
-            'weak_negative': ('CONDITIONING', {'tooltip': 'weak leg negative (default: negative)'}),
-        }}
+            'model': ('MODEL', {'tooltip': 'the model for all three calls (hooks on the weak conds change the weak '
+                                           'leg\'s weights)'}),
+            'positive': ('CONDITIONING', {'tooltip': 'positive of the main step and the strong leg'}),
+            'negative': ('CONDITIONING', {'tooltip': 'negative of the main step and the strong leg'}),
+            **guider_inputs(),
+        }, 'optional': weak_cond_inputs()}
 
     RETURN_TYPES = ('GUIDER',)
+    OUTPUT_TOOLTIPS = ('the W2SD guider (for SamplerCustomAdvanced)',)
     FUNCTION = 'get_guider'
-    CATEGORY = CATEGORY
+    CATEGORY = CUSTOM_SAMPLING + '/guiders'
 
     def get_guider(self, model, positive, negative, cfg, strong_cfg, weak_cfg, weak_positive=None,
                    weak_negative=None):
         return (make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg),)
 
 
+def fix_empty_latent(model, latent):
+    # Current ComfyUI also takes the latent's downscale ratios (to size an empty latent); v0.8 does not.
+    params = inspect.signature(comfy.sample.fix_empty_latent_channels).parameters
+    return comfy.sample.fix_empty_latent_channels(model, latent['samples'],
+                                                  *[latent.get(k) for k in LATENT_RATIO_KEYS if k in params])
+
+
 class W2SDKSamplerNode:
-    """All in one: KSampler with W2SD reflections; weak = other CFG and/or weak conds (with hooks)."""
+    DESCRIPTION = ('KSampler with W2SD (Weak-to-Strong Diffusion) reflections: before each of the first lam steps '
+                   'the latent takes a strong denoising step and a weak inversion. Weak = a lower CFG (weak_cfg), '
+                   'and/or weak conds (another prompt, or hooks for a weak LoRA strength / checkpoint).')
+
     @classmethod
     def INPUT_TYPES(cls):
         return {'required': {
-            'model': ('MODEL',),
-            'seed': ('INT', {'default': 0, 'min': 0, 'max': 0xffffffffffffffff, 'control_after_generate': True}),
-            'steps': ('INT', {'default': 50, 'min': 1, 'max': 10000}),
-            'cfg': ('FLOAT', {'default': 5.5, **CFG, 'tooltip': 'CFG of the main step'}),
-            'sampler_name': (SAMPLER_NAMES,),
-            'scheduler': (comfy.samplers.SCHEDULER_NAMES,),
-            'positive': ('CONDITIONING',),
-            'negative': ('CONDITIONING',),
-            'latent_image': ('LATENT',),
-            'denoise': ('FLOAT', {'default': 1.0, 'min': 0.0, 'max': 1.0, 'step': 0.01}),
-            'strong_cfg': ('FLOAT', {'default': 5.5, **CFG, 'tooltip': 'CFG of the reflection strong leg'}),
-            'weak_cfg': ('FLOAT', {'default': 0.0, **CFG, 'tooltip': 'CFG of the reflection weak leg'}),
+            'model': ('MODEL', {'tooltip': 'the model used for denoising the input latent'}),
+            'seed': ('INT', {'default': 0, 'min': 0, 'max': 0xffffffffffffffff, 'control_after_generate': True,
+                             'tooltip': 'the random seed used for creating the noise'}),
+            'steps': ('INT', {'default': 50, 'min': 1, 'max': 10000,
+                              'tooltip': 'number of steps (the paper: 50)'}),
+            **{k: v for k, v in guider_inputs().items() if k == 'cfg'},
+            'sampler_name': (SAMPLER_NAMES, {'tooltip': SAMPLER_TOOLTIP}),
+            'scheduler': (comfy.samplers.SCHEDULER_NAMES, {'tooltip': 'how noise is removed over the steps'}),
+            'positive': ('CONDITIONING', {'tooltip': 'positive of the main step and the strong leg'}),
+            'negative': ('CONDITIONING', {'tooltip': 'negative of the main step and the strong leg'}),
+            'latent_image': ('LATENT', {'tooltip': 'the latent image to denoise'}),
+            'denoise': ('FLOAT', {'default': 1.0, 'min': 0.0, 'max': 1.0, 'step': 0.01,
+                                  'tooltip': 'the amount of denoising; lower keeps more of the input latent'}),
+            **{k: v for k, v in guider_inputs().items() if k != 'cfg'},
             **reflection_inputs(),
-        }, 'optional': {
-            'weak_positive': ('CONDITIONING',),
-            'weak_negative': ('CONDITIONING',),
-        }}
+        }, 'optional': weak_cond_inputs()}
 
     RETURN_TYPES = ('LATENT',)
+    OUTPUT_TOOLTIPS = ('the denoised latent',)
     FUNCTION = 'sample'
-    CATEGORY = CATEGORY
+    CATEGORY = SAMPLING
 
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                strong_cfg, weak_cfg, lam, strength, weak_sigma, form, reflections, weak_positive=None,
                weak_negative=None):
         guider = make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg)
-        sampler = comfy.samplers.KSAMPLER(sampler_function(sampler_name),
-                                          extra_options=w2sd_options(lam, strength, weak_sigma, form, reflections))
+        sampler = make_sampler(sampler_name, w2sd_options(lam, strength, weak_sigma, form, reflections))
         # ComfyUI's KSampler computes the schedule (denoise, and the dropped penultimate sigma of dpm_2*)
         sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                          scheduler=scheduler, denoise=denoise, model_options=model.model_options).sigmas
-        latent = latent_image.copy()
-        x = comfy.sample.fix_empty_latent_channels(model, latent['samples'])
-        noise = comfy.sample.prepare_noise(x, seed, latent.get('batch_index'))
+        x = fix_empty_latent(model, latent_image)
+        noise = comfy.sample.prepare_noise(x, seed, latent_image.get('batch_index'))
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
-        samples = guider.sample(noise, x, sampler, sigmas, denoise_mask=latent.get('noise_mask'), callback=callback,
-                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        samples = guider.sample(noise, x, sampler, sigmas, denoise_mask=latent_image.get('noise_mask'),
+                                callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent = {k: v for k, v in latent_image.items() if k not in LATENT_RATIO_KEYS}
         latent['samples'] = samples.to(comfy.model_management.intermediate_device())
         return (latent,)
 
