@@ -82,6 +82,8 @@ def host_sample(fn, model, x, sigmas, extra_args, options=None, p=None, w2sd=Non
         kwargs['eta'] = 1.0
     if 'sigmas' in parameters:
         kwargs['sigmas'] = sigmas.cpu()
+    if 'n' in parameters:  # DPM fast: the step count and the model's sigma range
+        kwargs.update(n=len(sigmas) - 1, sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]))
     options = options or {}
     if options.get('brownian_noise'):
         seeds = list(range(x.shape[0]))  # the host seeds one tree per image
@@ -328,8 +330,10 @@ HOST_TABLE = [
 
 def test_sampler_table_mirrors_the_hosts_rows_that_have_a_twin():
     rows = registry.sampler_table(HOST_TABLE)
-    assert [r[0] for r in rows] == ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun']
-    assert rows[1] == ('W2SD DPM++ 2M SDE Heun', 'dpmpp_2m_sde', ['w2sd_k_dpmpp_2m_sde_heun'], HOST_TABLE[1][3])
+    assert [r[0] for r in rows] == ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun',
+                                    'W2SD DPM fast', 'W2SD IPNDM']  # not the unnamed callable
+    assert rows[1] == ('W2SD DPM++ 2M SDE Heun', 'sample_dpmpp_2m_sde', ['w2sd_k_dpmpp_2m_sde_heun'],
+                       HOST_TABLE[1][3])
     assert rows[1][3] is not HOST_TABLE[1][3]
     assert all(registry.is_w2sd(r[0]) for r in rows) and not registry.is_w2sd('Euler a')
 
@@ -379,14 +383,15 @@ def test_register_forge_uses_add_sampler():
     assert added == entries
 
 
-@pytest.mark.parametrize('label', ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun'])
+@pytest.mark.parametrize('label', ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun',
+                                   'W2SD DPM fast'])
 def test_host_injected_kwargs_are_accepted(label):
     host_row = next(r for r in HOST_TABLE if 'W2SD ' + r[0] == label)
     _, name, _, options = next(r for r in registry.sampler_table(HOST_TABLE) if r[0] == label)
     p = make_p(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.)
     model = HostCFGDenoiser(p)
     w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True}))
-    out, steps = host_sample(sampling.SAMPLERS[name], model, X * SIGMAS[0], SIGMAS, conds(), options, p, w2sd)
+    out, steps = host_sample(registry.twin(name), model, X * SIGMAS[0], SIGMAS, conds(), options, p, w2sd)
     twin = HostCFGDenoiser(p)
     _, twin_steps = host_sample(getattr(K, host_row[1]), twin, X * SIGMAS[0], SIGMAS, conds(), options, p)
     assert torch.isfinite(out).all()

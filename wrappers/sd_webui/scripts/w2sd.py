@@ -19,7 +19,6 @@ try:
 except ImportError as e:
     raise ImportError('W2SD: the w2sd-samplers library is not installed in the webui\'s venv; the extension\'s '
                       'install.py says why in the startup log (see docs/sd_webui.md, Install)') from e
-from w2sd_samplers.sampling import SAMPLERS  # noqa: E402
 from w2sd_sdwebui import options as w2sd_options, passes, registry, roles  # noqa: E402
 
 
@@ -27,9 +26,9 @@ class W2SDSampler(sd_samplers_kdiffusion.KDiffusionSampler):
     """The host's k-diffusion sampler running ``sample_w2sd_<name>`` with the W2SD roles bound per call."""
 
     def __init__(self, name, sd_model):
-        super().__init__(SAMPLERS[name], sd_model)
-        # The host looks up s_churn & co. by function name; ours take those of their k-diffusion twin.
-        self.extra_params = sd_samplers_kdiffusion.sampler_extra_params.get('sample_' + name, [])
+        super().__init__(registry.twin(name), sd_model)
+        # The host looks up s_churn & co. by function name; ours take those of the host function they twin.
+        self.extra_params = sd_samplers_kdiffusion.sampler_extra_params.get(name, [])
 
     def initialize(self, p):
         kwargs = super().initialize(p)  # installs the seeded TorchHijack our samplers draw noise through
@@ -49,10 +48,13 @@ class W2SDSampler(sd_samplers_kdiffusion.KDiffusionSampler):
 
 
 def _register():
+    table = sd_samplers_kdiffusion.samplers_k_diffusion
     entries = [sd_samplers_common.SamplerData(label, lambda model, name=name: W2SDSampler(name, model), aliases,
                                               options)
-               for label, name, aliases, options in registry.sampler_table(sd_samplers_kdiffusion.samplers_k_diffusion)]
+               for label, name, aliases, options in registry.sampler_table(table)]
     registry.register(sd_samplers, entries)
+    for label, reason in registry.refusals(table).items():
+        print(f'W2SD: no "W2SD {label}" sampler: {reason}')
 
 
 _register()
