@@ -143,40 +143,43 @@ def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disabl
 
 
 def _ipndm_step(order, i, sigmas, d, b):
-    """IPNDM's fixed-step Adams-Bashforth combination of the derivative ``d`` and the history ``b`` (newest last)."""
+    """IPNDM's fixed-step Adams-Bashforth increment from the derivative ``d`` and the history ``b`` (newest last);
+    the host's operation order, so that off is bit for bit."""
+    h = sigmas[i + 1] - sigmas[i]
     if order == 1:
-        return d
+        return h * d
     if order == 2:
-        return (3 * d - b[-1]) / 2
+        return h * (3 * d - b[-1]) / 2
     if order == 3:
-        return (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
-    return (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
+        return h * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
+    return h * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
 
 
 def _ipndm_v_step(order, i, sigmas, d, b):
-    """IPNDM_V's variable-step combination (zju-pi diff-solvers, as Forge ships it)."""
+    """IPNDM_V's variable-step increment (zju-pi diff-solvers, as Forge ships it)."""
+    h_n = sigmas[i + 1] - sigmas[i]
     if order == 1:
-        return d
-    h_n, h_n_1 = sigmas[i + 1] - sigmas[i], sigmas[i] - sigmas[i - 1]
+        return h_n * d
+    h_n_1 = sigmas[i] - sigmas[i - 1]
     if order == 2:
-        return (2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1]
+        return h_n * ((2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1])
     h_n_2 = sigmas[i - 1] - sigmas[i - 2]
     temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
     if order == 3:
-        return (((2 + (h_n / h_n_1)) / 2 + temp) * d + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1]
-                + temp * h_n_1 / h_n_2 * b[-2])
+        return h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
+                      + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
     h_n_3 = sigmas[i - 2] - sigmas[i - 3]
     temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
         * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
     r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
-    return (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
-            + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
-            + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
-            + -temp2 * r * h_n_1 / h_n_2 * b[-3])
+    return h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
+                  + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
+                  + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
+                  + -temp2 * r * h_n_1 / h_n_2 * b[-3])
 
 
 def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd):
-    """The loop of Forge's IPNDM / IPNDM_V: ``x + h * step(...)``, with the derivative history carried across
+    """The loop of Forge's IPNDM / IPNDM_V: ``x + step(...)``, with the derivative history carried across
     reflections, as in ``sample_w2sd_lms``."""
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     buffer = []  # previous derivatives, newest last
@@ -186,7 +189,7 @@ def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order,
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         d = (x - denoised) / sigmas[i]
-        x = x + (sigmas[i + 1] - sigmas[i]) * step(min(max_order, i + 1), i, sigmas, d, buffer)
+        x = x + step(min(max_order, i + 1), i, sigmas, d, buffer)
         buffer = (buffer + [d])[-(max_order - 1):]
     return x
 
