@@ -82,8 +82,8 @@ def test_restart_default_plan_follows_a1111(steps, restarts, per_restart):
     assert len(main) - 1 == steps - restarts * per_restart
     restart = [(float(a), float(b)) for a, b, i in step_list if i is None]
     assert len(restart) == restarts * per_restart
-    hi = float(main[int(torch.argmin(abs(main - 2)))])
-    assert restart[0][0] == pytest.approx(hi) and restart[-1][1] == pytest.approx(float(main[int(torch.argmin(abs(main - 0.1)))]))
+    nearest = [float(main[int(torch.argmin(abs(main - level)))]) for level in (2, 0.1)]
+    assert (restart[0][0], restart[-1][1]) == pytest.approx(nearest)
     model = Counter()
     seeded(twins.sample_w2sd_restart, model, X * sigmas[0], sigmas, weak=weak, lam=0)
     # two calls per Heun step, one for the last step into 0
@@ -183,8 +183,8 @@ def restart_sampler():
 # samplers_k_diffusion of A1111 v1.10.1 and of Forge dfdcbab (labels and function names; options elided)
 A1111 = ['DPM++ 2M', 'DPM++ SDE', 'DPM++ 2M SDE', 'DPM++ 2M SDE Heun', 'DPM++ 2S a', 'DPM++ 3M SDE', 'Euler a', 'Euler',
          'LMS', 'Heun', 'DPM2', 'DPM2 a', 'DPM fast', 'DPM adaptive', 'Restart']
-FUNCS = ['sample_dpmpp_2m', 'sample_dpmpp_sde', 'sample_dpmpp_2m_sde', 'sample_dpmpp_2m_sde', 'sample_dpmpp_2s_ancestral',
-         'sample_dpmpp_3m_sde', 'sample_euler_ancestral', 'sample_euler', 'sample_lms', 'sample_heun', 'sample_dpm_2',
+FUNCS = ['sample_dpmpp_2m', 'sample_dpmpp_sde', 'sample_dpmpp_2m_sde', 'sample_dpmpp_2m_sde',
+         'sample_dpmpp_2s_ancestral', 'sample_dpmpp_3m_sde', 'sample_euler_ancestral', 'sample_euler', 'sample_lms', 'sample_heun', 'sample_dpm_2',
          'sample_dpm_2_ancestral', 'sample_dpm_fast', 'sample_dpm_adaptive', restart_sampler]
 FORGE_EXTRA = [('HeunPP2', 'sample_heunpp2'), ('IPNDM', 'sample_ipndm'), ('IPNDM_V', 'sample_ipndm_v'),
                ('DEIS', 'sample_deis')]

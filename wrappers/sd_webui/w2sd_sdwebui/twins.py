@@ -169,8 +169,8 @@ def _ipndm_v_step(order, i, sigmas, d, b):
         return h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
                       + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
     h_n_3 = sigmas[i - 2] - sigmas[i - 3]
-    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
-        * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+    weight = (1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))
+    temp2 = weight * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
     r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
     return h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
                   + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
