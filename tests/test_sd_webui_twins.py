@@ -185,7 +185,7 @@ A1111 = ['DPM++ 2M', 'DPM++ SDE', 'DPM++ 2M SDE', 'DPM++ 2M SDE Heun', 'DPM++ 2S
          'LMS', 'Heun', 'DPM2', 'DPM2 a', 'DPM fast', 'DPM adaptive', 'Restart']
 FUNCS = ['sample_dpmpp_2m', 'sample_dpmpp_sde', 'sample_dpmpp_2m_sde', 'sample_dpmpp_2m_sde',
          'sample_dpmpp_2s_ancestral', 'sample_dpmpp_3m_sde', 'sample_euler_ancestral', 'sample_euler', 'sample_lms',
-         'sample_dpm_2_ancestral', 'sample_dpm_fast', 'sample_dpm_adaptive',
+         'sample_heun', 'sample_dpm_2', 'sample_dpm_2_ancestral', 'sample_dpm_fast', 'sample_dpm_adaptive',
          restart_sampler]
 FORGE_EXTRA = [('HeunPP2', 'sample_heunpp2'), ('IPNDM', 'sample_ipndm'), ('IPNDM_V', 'sample_ipndm_v'),
                ('DEIS', 'sample_deis')]

@@ -142,45 +142,45 @@ def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
-def _ipndm_step(order, i, sigmas, d, b):
-    """IPNDM's fixed-step Adams-Bashforth increment from the derivative ``d`` and the history ``b`` (newest last);
-    the host's operation order, so that off is bit for bit."""
+def _ipndm_step(order, i, sigmas, x, d, b):
+    """IPNDM's fixed-step Adams-Bashforth step from the derivative ``d`` and the history ``b`` (newest last), in the
+    host's operation order, so that off is bit for bit."""
     h = sigmas[i + 1] - sigmas[i]
     if order == 1:
-        return h * d
+        return x + h * d
     if order == 2:
-        return h * (3 * d - b[-1]) / 2
+        return x + h * (3 * d - b[-1]) / 2
     if order == 3:
-        return h * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
-    return h * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
+        return x + h * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
+    return x + h * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
 
 
-def _ipndm_v_step(order, i, sigmas, d, b):
-    """IPNDM_V's variable-step increment (zju-pi diff-solvers, as Forge ships it)."""
+def _ipndm_v_step(order, i, sigmas, x, d, b):
+    """IPNDM_V's variable-step step (zju-pi diff-solvers, as Forge ships it)."""
     h_n = sigmas[i + 1] - sigmas[i]
     if order == 1:
-        return h_n * d
+        return x + h_n * d
     h_n_1 = sigmas[i] - sigmas[i - 1]
     if order == 2:
-        return h_n * ((2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1])
+        return x + h_n * ((2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1])
     h_n_2 = sigmas[i - 1] - sigmas[i - 2]
     temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
     if order == 3:
-        return h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
-                      + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
+        return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
+                          + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
     h_n_3 = sigmas[i - 2] - sigmas[i - 3]
     weight = (1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))
     temp2 = weight * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
     r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
-    return h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
-                  + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
-                  + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
-                  + -temp2 * r * h_n_1 / h_n_2 * b[-3])
+    return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
+                      + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
+                      + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
+                      + -temp2 * r * h_n_1 / h_n_2 * b[-3])
 
 
 def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd):
-    """The loop of Forge's IPNDM / IPNDM_V: ``x + step(...)``, with the derivative history carried across
-    reflections, as in ``sample_w2sd_lms``."""
+    """The loop of Forge's IPNDM, IPNDM_V and DEIS: ``x = step(order, i, sigmas, x, d, history)``, with the
+    derivative history carried across reflections, as in ``sample_w2sd_lms``."""
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     buffer = []  # previous derivatives, newest last
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -189,7 +189,7 @@ def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order,
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         d = (x - denoised) / sigmas[i]
-        x = x + step(min(max_order, i + 1), i, sigmas, d, buffer)
+        x = step(min(max_order, i + 1), i, sigmas, x, d, buffer)
         buffer = (buffer + [d])[-(max_order - 1):]
     return x
 
@@ -214,26 +214,19 @@ def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=N
                      **w2sd):
     """Forge's DEIS (exponential-integrator multistep, coefficients from the host's ``k_diffusion.deis``) with W2SD
     reflections; the derivative history carries across reflections."""
+    check_sigmas(sigmas)  # before the host's coefficient code sees them
     K = _kdiff.sampling()
     deis = importlib.import_module(K.__name__.rpartition('.')[0] + '.deis')
-    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     coeff_list = deis.get_deis_coeff_list(sigmas, max_order, deis_mode=deis_mode)
-    buffer = []
-    for i in trange(len(sigmas) - 1, disable=disable):
-        x = refl(x, i)
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        d = (x - denoised) / sigmas[i]
-        order = 1 if sigmas[i + 1] <= 0 else min(max_order, i + 1)
-        if order == 1:
-            x = x + (sigmas[i + 1] - sigmas[i]) * d
-        else:
-            x = x + coeff_list[i][0] * d
-            for c, b in zip(coeff_list[i][1:], reversed(buffer)):
-                x = x + c * b
-        buffer = (buffer + [d])[-(max_order - 1):]
-    return x
+
+    def step(order, i, sigmas, x, d, b):
+        if order == 1 or sigmas[i + 1] <= 0:
+            return x + (sigmas[i + 1] - sigmas[i]) * d
+        x = x + coeff_list[i][0] * d
+        for c, b_j in zip(coeff_list[i][1:], reversed(b)):
+            x = x + c * b_j
+        return x
+    return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
 
 
 # Host function name -> twin. A1111's Restart is a callable in the host's table, keyed by its __name__.
