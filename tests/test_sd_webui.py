@@ -11,6 +11,9 @@ dfdcbab (``CFGDenoiser.forward`` replaces ``cond_scale`` by ``p.hr_cfg`` in the 
 import functools
 import inspect
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import types
 
@@ -79,6 +82,8 @@ def host_sample(fn, model, x, sigmas, extra_args, options=None, p=None, w2sd=Non
         kwargs['eta'] = 1.0
     if 'sigmas' in parameters:
         kwargs['sigmas'] = sigmas.cpu()
+    if 'n' in parameters:  # DPM fast: the step count and the model's sigma range
+        kwargs.update(n=len(sigmas) - 1, sigma_min=float(sigmas[-2]), sigma_max=float(sigmas[0]))
     options = options or {}
     if options.get('brownian_noise'):
         seeds = list(range(x.shape[0]))  # the host seeds one tree per image
@@ -145,7 +150,7 @@ def test_prompt_editing_switches_at_the_same_outer_step():
 def test_disabled_equals_the_k_diffusion_sampler_bit_for_bit():
     p = make_p()
     model = HostCFGDenoiser(p)
-    w2sd = roles.sampler_kwargs(model, opts.parse(), networks=None)
+    w2sd = roles.sampler_kwargs(model, opts.parse({}), networks=None)
     out, steps = host_sample(sampling.sample_w2sd_euler, model, X * SIGMAS[0], SIGMAS, conds(), w2sd=w2sd)
     ref_model = HostCFGDenoiser(p)
     ref, ref_steps = host_sample(K.sample_euler, ref_model, X * SIGMAS[0], SIGMAS, conds())
@@ -325,8 +330,10 @@ HOST_TABLE = [
 
 def test_sampler_table_mirrors_the_hosts_rows_that_have_a_twin():
     rows = registry.sampler_table(HOST_TABLE)
-    assert [r[0] for r in rows] == ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun']
-    assert rows[1] == ('W2SD DPM++ 2M SDE Heun', 'dpmpp_2m_sde', ['w2sd_k_dpmpp_2m_sde_heun'], HOST_TABLE[1][3])
+    assert [r[0] for r in rows] == ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun',
+                                    'W2SD DPM fast', 'W2SD IPNDM']  # not the unnamed callable
+    assert rows[1] == ('W2SD DPM++ 2M SDE Heun', 'sample_dpmpp_2m_sde', ['w2sd_k_dpmpp_2m_sde_heun'],
+                       HOST_TABLE[1][3])
     assert rows[1][3] is not HOST_TABLE[1][3]
     assert all(registry.is_w2sd(r[0]) for r in rows) and not registry.is_w2sd('Euler a')
 
@@ -376,14 +383,15 @@ def test_register_forge_uses_add_sampler():
     assert added == entries
 
 
-@pytest.mark.parametrize('label', ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun'])
+@pytest.mark.parametrize('label', ['W2SD DPM++ 2M', 'W2SD DPM++ 2M SDE Heun', 'W2SD Euler a', 'W2SD Heun',
+                                   'W2SD DPM fast'])
 def test_host_injected_kwargs_are_accepted(label):
     host_row = next(r for r in HOST_TABLE if 'W2SD ' + r[0] == label)
     _, name, _, options = next(r for r in registry.sampler_table(HOST_TABLE) if r[0] == label)
     p = make_p(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.)
     model = HostCFGDenoiser(p)
     w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True}))
-    out, steps = host_sample(sampling.SAMPLERS[name], model, X * SIGMAS[0], SIGMAS, conds(), options, p, w2sd)
+    out, steps = host_sample(registry.twin(name), model, X * SIGMAS[0], SIGMAS, conds(), options, p, w2sd)
     twin = HostCFGDenoiser(p)
     _, twin_steps = host_sample(getattr(K, host_row[1]), twin, X * SIGMAS[0], SIGMAS, conds(), options, p)
     assert torch.isfinite(out).all()
@@ -394,7 +402,7 @@ def test_host_injected_kwargs_are_accepted(label):
 # --- options, infotext, passes -------------------------------------------------------------------------------
 
 def test_parse_positional_and_api_dict():
-    assert opts.parse() == opts.DEFAULTS
+    assert opts.parse({}) == opts.DEFAULTS == opts.parse(*[getattr(opts.DEFAULTS, n) for n in opts.ARGS])
     o = opts.parse(True, 'prompt', 0.0, 'a red cube', '', -1.5, '', '', 1.0, 10.0, 0.5, 'next')
     assert o.enabled and o.weak == 'prompt' and o.lam == 10 and isinstance(o.lam, int) and o.weak_sigma == 'next'
     api = {'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a red cube', 'lam': 10, 'strength': 0.5,
@@ -410,6 +418,13 @@ def test_parse_positional_and_api_dict():
     ({'weak_cfg': float('nan')}, 'weak_cfg must be a finite number'),
     ({'lam': 2.5}, 'lam'),
     ({'lam': -2}, 'lam'),
+    # API clients send strings and numbers where the UI sends booleans; "false" must not switch W2SD on.
+    ({'enabled': 'false'}, r'enabled \(the Enable checkbox\) must be true or false'),
+    ({'enabled': 1}, 'enabled'),
+    ({'lam': float('inf')}, 'lam .* must be a whole number'),
+    ({'lam': float('nan')}, 'lam .* must be a whole number'),
+    ({'lam': '10'}, 'lam .* must be a whole number'),
+    ({'weak': ['cfg']}, 'weak must be one of'),
     ({'weak_sigma': 'prev'}, 'weak_sigma'),
     ({'enabled': True, 'weak': 'prompt'}, 'needs a weak prompt'),
     ({'enabled': True, 'weak': 'checkpoint'}, 'needs a weak checkpoint'),
@@ -420,9 +435,28 @@ def test_parse_rejects_bad_values(bad, match):
         opts.parse(bad)
 
 
-def test_parse_rejects_too_many_args():
-    with pytest.raises(ValueError, match='at most'):
-        opts.parse(*([None] * (len(opts.ARGS) + 1)))
+def test_enabled_string_false_is_rejected_positionally_too():
+    values = [getattr(opts.DEFAULTS, n) for n in opts.ARGS]
+    values[0] = 'false'
+    with pytest.raises(ValueError, match='enabled'):
+        opts.parse(*values)
+
+
+@pytest.mark.parametrize('count', [0, 1, len(opts.ARGS) - 1, len(opts.ARGS) + 1])
+def test_parse_rejects_a_wrong_number_of_script_args(count):
+    values = [getattr(opts.DEFAULTS, n) for n in opts.ARGS] * 2
+    with pytest.raises(ValueError, match=f'passed {count} values for the W2SD panel.s {len(opts.ARGS)} settings'):
+        opts.parse(*values[:count])
+    with pytest.raises(ValueError, match='send one dict or all'):
+        opts.parse({'enabled': True}, False)
+
+
+@pytest.mark.parametrize('key, raw', [('W2SD lambda', '2.7'), ('W2SD lambda', 'inf'), ('W2SD weak CFG', 'nan'),
+                                      ('W2SD strength', 'inf')])
+def test_pasted_infotext_numbers_are_not_truncated_or_non_finite(key, raw):
+    with pytest.raises(ValueError, match=f'infotext {key}: {raw!r} is not a'):
+        opts.from_infotext({'W2SD': 'cfg', key: raw})
+    assert opts.from_infotext({'W2SD': 'cfg', 'W2SD lambda': '27.0'})['lam'] == 27
 
 
 @pytest.mark.parametrize('settings', [
@@ -478,15 +512,40 @@ def load_install(monkeypatch, installed):
     return namespace, pips
 
 
-def test_install_pip_installs_without_dependencies(monkeypatch, tmp_path):
+def test_install_uses_the_checkout_the_extension_lives_in(monkeypatch, tmp_path):
     monkeypatch.delenv('W2SD_SAMPLERS_SPEC', raising=False)
     ns, pips = load_install(monkeypatch, installed=False)
+    # Run from inside the checkout: one pip call, without dependencies, from a temporary copy that is gone after.
+    assert len(pips) == 1 and pips[0].startswith('install --no-deps "') and 'w2sd-install-' in pips[0]
+    assert not os.path.exists(pips[0].split('"')[1])
     repo = os.path.realpath(os.path.join(os.path.dirname(__file__), '..'))
-    assert pips == [f'install --no-deps "{repo}"']  # run from inside the checkout
-    assert ns['requirement'](str(tmp_path / 'extensions' / 'w2sd'), {}) == 'w2sd-samplers'
-    assert ns['requirement'](str(tmp_path), {'W2SD_SAMPLERS_SPEC': '/src/w2sd'}) == '/src/w2sd'
     link = tmp_path / 'w2sd'
     link.symlink_to(os.path.join(repo, 'wrappers', 'sd_webui'))
     assert ns['requirement'](str(link), {}) == repo
+    assert ns['requirement'](str(tmp_path), {'W2SD_SAMPLERS_SPEC': '/src/w2sd'}) == '/src/w2sd'
+    # A copied extension has no library next to it, and w2sd-samplers is on no package index: say what to do.
+    with pytest.raises(RuntimeError, match='W2SD_SAMPLERS_SPEC'):
+        ns['requirement'](str(tmp_path / 'extensions' / 'w2sd'), {})
     _, pips = load_install(monkeypatch, installed=True)
     assert pips == []
+
+
+def test_install_leaves_no_build_files_in_the_checkout(monkeypatch, tmp_path):
+    repo = os.path.join(os.path.dirname(__file__), '..')
+    src = tmp_path / 'checkout'
+    src.mkdir()
+    for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
+        shutil.copy(os.path.join(repo, name), src)
+    shutil.copytree(os.path.join(repo, 'w2sd_samplers'), src / 'w2sd_samplers',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    before = sorted(str(p.relative_to(src)) for p in src.rglob('*'))
+    ns, _ = load_install(monkeypatch, installed=True)
+    target = tmp_path / 'site-packages'
+
+    def run_pip(command, desc):  # a real pip build, into a folder instead of the webui's venv
+        subprocess.run([sys.executable, '-m', 'pip', *shlex.split(command), '--no-build-isolation', '--no-index',
+                        '--quiet', '--target', str(target)], check=True)
+
+    ns['install_spec'](str(src), run_pip)
+    assert (target / 'w2sd_samplers' / 'sampling.py').is_file()
+    assert sorted(str(p.relative_to(src)) for p in src.rglob('*')) == before  # no build/, no *.egg-info

@@ -23,7 +23,10 @@ from test_sd_webui import SIGMAS, X, HostCFGDenoiser, a1111_registry, conds
 
 import k_diffusion.sampling as K
 
+from w2sd_sdwebui import options as opts
+
 HERE = os.path.dirname(__file__)
+UI_DEFAULTS = [getattr(opts.DEFAULTS, n) for n in opts.ARGS]  # what the host passes for an untouched panel
 SCRIPT = os.path.join(HERE, '..', 'wrappers', 'sd_webui', 'scripts', 'w2sd.py')
 
 
@@ -109,6 +112,12 @@ class SdConditioning(list):
         self.kwargs = kwargs
 
 
+def checkpoint_match(title):
+    """``sd_models.get_closet_checkpoint_match``: the checkpoint whose title contains ``title``, or None."""
+    return next((types.SimpleNamespace(filename=f'/models/{t}', title=t)
+                 for t in ('a.safetensors', 'b.safetensors', 'c.ckpt') if title and title in t), None)
+
+
 @pytest.fixture
 def script(monkeypatch):
     """The script module, imported with the stand-ins in ``sys.modules``; the real k-diffusion stays."""
@@ -122,7 +131,8 @@ def script(monkeypatch):
                                         Textbox=Component, Dropdown=Component),
         'modules': types.ModuleType('modules'),
         'modules.scripts': types.SimpleNamespace(Script=Script, AlwaysVisible=object()),
-        'modules.sd_models': types.SimpleNamespace(checkpoint_tiles=lambda: ['b.safetensors', 'a.safetensors']),
+        'modules.sd_models': types.SimpleNamespace(checkpoint_tiles=lambda: ['b.safetensors', 'a.safetensors'],
+                                                   get_closet_checkpoint_match=checkpoint_match),
         'modules.sd_samplers': registry,
         'modules.sd_samplers_common': types.SimpleNamespace(SamplerData=SamplerData),
         'modules.sd_samplers_kdiffusion': types.SimpleNamespace(
@@ -197,7 +207,7 @@ def test_process_and_sampling_with_a_weak_prompt(script):
 def test_disabled_script_leaves_the_sampler_a_plain_twin(script):
     module, registry = script
     p = make_p()
-    module.W2SDScript().process(p)
+    module.W2SDScript().process(p, *UI_DEFAULTS)
     assert p.extra_generation_params == {}
     out = registry.all_samplers_map['W2SD Euler'].constructor('m').sample(p, X, [(10 ** 6, torch.tensor(1.))],
                                                                           torch.tensor(.5))
@@ -209,7 +219,7 @@ def test_disabled_script_leaves_the_sampler_a_plain_twin(script):
 def test_ancestral_noise_comes_from_the_hijacked_module(script):
     module, registry = script
     p = make_p(sampler_name='W2SD Euler a')
-    module.W2SDScript().process(p, True)
+    module.W2SDScript().process(p, True, *UI_DEFAULTS[1:])
     module.W2SDScript().process_before_every_sampling(p)
     unused = len(p.rng)
     registry.all_samplers_map['W2SD Euler a'].constructor('m').sample(p, X, [(10 ** 6, torch.tensor(1.))],
@@ -221,7 +231,7 @@ def test_invalid_settings_fail_the_w2sd_sampler(script):
     module, registry = script
     p = make_p()
     with pytest.raises(ValueError, match='needs a weak prompt'):
-        module.W2SDScript().process(p, True, 'prompt')
+        module.W2SDScript().process(p, True, 'prompt', *UI_DEFAULTS[2:])
     sampler = registry.all_samplers_map['W2SD Euler'].constructor('m')
     with pytest.raises(ValueError, match='needs a weak prompt'):  # the host only logs script errors
         sampler.sample(p, X, [(10 ** 6, torch.tensor(1.))], torch.tensor(.5))
@@ -231,3 +241,71 @@ def test_invalid_settings_fail_the_w2sd_sampler(script):
     forge_p = make_p(sd_model=types.SimpleNamespace(forge_objects=None))
     with pytest.raises(ValueError, match='needs A1111'):
         module.W2SDScript().process(forge_p, {'enabled': True, 'weak': 'lora'})
+
+
+def forge_p(**kw):
+    # The hires pass's size, steps and LoRAs, as Forge's processing object holds them.
+    return make_p(sd_model=types.SimpleNamespace(forge_objects=None), hr_upscale_to_x=128, hr_upscale_to_y=192,
+                  firstpass_steps=len(SIGMAS) - 1, hr_second_pass_steps=0, hr_extra_network_data={},
+                  hr_distilled_cfg=3.5, **kw)
+
+
+def test_forge_missing_weak_checkpoint_names_it_in_the_sampler_error(script):
+    module, registry = script
+    p = forge_p()
+    with pytest.raises(ValueError, match="Weak checkpoint 'sd15-weak' not found; the checkpoints the webui lists: "
+                                         "a.safetensors, b.safetensors"):
+        module.W2SDScript().process(p, {'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': 'sd15-weak'})
+    sampler = registry.all_samplers_map['W2SD Euler'].constructor('m')
+    with pytest.raises(ValueError, match="'sd15-weak' not found"):  # the webui only logged the script's error
+        sampler.sample(p, X, [(10 ** 6, torch.tensor(1.))], torch.tensor(.5))
+    with pytest.raises(ValueError, match='must be a .safetensors file'):
+        module.W2SDScript().process(forge_p(), {'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': 'c.ckpt'})
+
+
+def test_errors_preparing_a_pass_reach_the_sampler(script, monkeypatch):
+    module, registry = script
+    p = forge_p()
+    s = module.W2SDScript()
+    s.process(p, {'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': 'a.safetensors'})
+
+    def fail(title):
+        raise ValueError(f'W2SD: could not load {title}')
+    monkeypatch.setattr(module, '_forge_weak_unet', fail)
+    with pytest.raises(ValueError, match='could not load'):
+        s.process_before_every_sampling(p)
+    sampler = registry.all_samplers_map['W2SD Euler'].constructor('m')
+    with pytest.raises(ValueError, match='could not load a.safetensors'):  # not "no weak checkpoint was loaded"
+        sampler.sample(p, X, [(10 ** 6, torch.tensor(1.))], torch.tensor(.5))
+
+
+@pytest.mark.parametrize('settings, off', [
+    ({'enabled': True}, True),                                            # weak CFG 0 needs the negative prompt
+    ({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a dog'}, False),  # both legs at reflection CFG 1
+    ({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a dog', 'reflection_cfg': 3.0}, True),
+])
+def test_forge_hires_cfg_one_skips_reflection_in_that_pass_and_says_so(script, settings, off):
+    """Forge's API defaults Hires CFG to 1, where the host drops the hires negative prompt (``hr_uc = None``)."""
+    module, registry = script
+    p = forge_p(hr_cfg=1.0)
+    s = module.W2SDScript()
+    s.process(p, settings)
+    p.is_hr_pass = True
+    s.process_before_every_sampling(p)
+    p.w2sd_weak_conds = ([(10 ** 6, torch.tensor(0.0))], None)  # tensors for the stand-in model
+    sampler = registry.all_samplers_map['W2SD Euler'].constructor('m')
+    sampler.model_wrap_cfg.forge = True  # the hires pass runs at p.hr_cfg
+    out = sampler.sample(p, X, [(10 ** 6, torch.tensor(1.))], None)  # Forge: no uncond at CFG 1
+    assert torch.isfinite(out).all()
+    if off:
+        assert p.extra_generation_params['W2SD hires pass'].startswith('off (Hires CFG 1 has no negative prompt')
+        plain = KDiffusionSampler('sample_euler', 'm')
+        plain.model_wrap_cfg.forge = True
+        p_ref = forge_p(hr_cfg=1.0)
+        p_ref.is_hr_pass = True
+        assert torch.equal(out, plain.sample(p_ref, X, [(10 ** 6, torch.tensor(1.))], None))
+    else:
+        assert 'W2SD hires pass' not in p.extra_generation_params
+        assert len(sampler.model_wrap_cfg.calls) > len(SIGMAS) - 1  # reflection calls ran
+    # The first pass is not affected: a W2SD CFG pair at CFG 1 there is the user's own choice and an error.
+    assert p.extra_generation_params['W2SD'] == settings.get('weak', 'cfg')

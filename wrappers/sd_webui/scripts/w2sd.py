@@ -14,8 +14,11 @@ _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from w2sd_samplers.reflect import WEAK_SIGMAS  # noqa: E402
-from w2sd_samplers.sampling import SAMPLERS  # noqa: E402
+try:
+    from w2sd_samplers.reflect import WEAK_SIGMAS  # noqa: E402
+except ImportError as e:
+    raise ImportError('W2SD: the w2sd-samplers library is not installed in the webui\'s venv; the extension\'s '
+                      'install.py says why in the startup log (see docs/sd_webui.md, Install)') from e
 from w2sd_sdwebui import options as w2sd_options, passes, registry, roles  # noqa: E402
 
 
@@ -23,15 +26,20 @@ class W2SDSampler(sd_samplers_kdiffusion.KDiffusionSampler):
     """The host's k-diffusion sampler running ``sample_w2sd_<name>`` with the W2SD roles bound per call."""
 
     def __init__(self, name, sd_model):
-        super().__init__(SAMPLERS[name], sd_model)
-        # The host looks up s_churn & co. by function name; ours take those of their k-diffusion twin.
-        self.extra_params = sd_samplers_kdiffusion.sampler_extra_params.get('sample_' + name, [])
+        super().__init__(registry.twin(name), sd_model)
+        # The host looks up s_churn & co. by function name; ours take those of the host function they twin.
+        self.extra_params = sd_samplers_kdiffusion.sampler_extra_params.get(name, [])
 
     def initialize(self, p):
         kwargs = super().initialize(p)  # installs the seeded TorchHijack our samplers draw noise through
         options = getattr(p, 'w2sd_options', None)
         if isinstance(options, Exception):
             raise options
+        off = options is not None and options.enabled and passes.reflection_off(p, options)
+        if off:
+            print(f'W2SD: hires pass {off}')
+            p.extra_generation_params[w2sd_options.HIRES_KEY] = off
+            options = None
         networks = getattr(sys.modules.get('networks'), 'loaded_networks', None)  # A1111's Lora extension
         kwargs.update(roles.sampler_kwargs(self.model_wrap_cfg, options, networks=networks,
                                            weak_conds=getattr(p, 'w2sd_weak_conds', None),
@@ -40,10 +48,13 @@ class W2SDSampler(sd_samplers_kdiffusion.KDiffusionSampler):
 
 
 def _register():
+    table = sd_samplers_kdiffusion.samplers_k_diffusion
     entries = [sd_samplers_common.SamplerData(label, lambda model, name=name: W2SDSampler(name, model), aliases,
                                               options)
-               for label, name, aliases, options in registry.sampler_table(sd_samplers_kdiffusion.samplers_k_diffusion)]
+               for label, name, aliases, options in registry.sampler_table(table)]
     registry.register(sd_samplers, entries)
+    for label, reason in registry.refusals(table).items():
+        print(f'W2SD: no "W2SD {label}" sampler: {reason}')
 
 
 _register()
@@ -51,12 +62,18 @@ _register()
 _weak_models = {}  # Forge: the loaded weak checkpoint, by file name (one at a time)
 
 
-def _forge_weak_unet(title):
+def _forge_checkpoint(title):
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
-        raise ValueError(f'W2SD: weak checkpoint {title!r} not found')
+        raise ValueError(f'W2SD: Weak checkpoint {title!r} not found; the checkpoints the webui lists: '
+                         f'{", ".join(sorted(sd_models.checkpoint_tiles())) or "none"}')
     if not info.filename.lower().endswith('.safetensors'):
         raise ValueError(f'W2SD: the weak checkpoint must be a .safetensors file, got {info.filename}')
+    return info
+
+
+def _forge_weak_unet(title):
+    info = _forge_checkpoint(title)
     if info.filename not in _weak_models:
         from backend.loader import forge_loader
         _weak_models.clear()
@@ -121,8 +138,10 @@ class W2SDScript(scripts.Script):
             if options.enabled and options.weak == 'lora' and forge:
                 raise ValueError("W2SD: weak='lora' needs A1111 (Forge merges LoRA weights at load time); "
                                  "on Forge use weak='checkpoint' or 'cfg'")
-            if options.enabled and options.weak == 'checkpoint' and not forge:
-                raise ValueError("W2SD: weak='checkpoint' needs Forge")
+            if options.enabled and options.weak == 'checkpoint':
+                if not forge:
+                    raise ValueError("W2SD: weak='checkpoint' needs Forge")
+                _forge_checkpoint(options.weak_checkpoint)
             if options.enabled and options.weak == 'prompt' and getattr(p, 'refiner_checkpoint_info', None):
                 raise ValueError("W2SD: weak='prompt' cannot follow a refiner switch (its conds belong to the base "
                                  "model)")
@@ -142,6 +161,14 @@ class W2SDScript(scripts.Script):
             return
         if not registry.is_w2sd(passes.sampler_name(p)):
             return
+        try:
+            self._prepare_pass(p, options)
+        except Exception as e:
+            p.w2sd_options = e  # logged only by the webui: the W2SD sampler raises it
+            raise
+
+    @staticmethod
+    def _prepare_pass(p, options):
         if options.weak == 'prompt':
             p.w2sd_weak_conds = _weak_conds(p, options)
         elif options.weak == 'checkpoint':

@@ -45,33 +45,48 @@ def _number(name, value):
     return float(value)
 
 
+def _integer(name, value):
+    # Gradio sliders send integral floats (10.0); 2.5, inf, nan and strings are errors, not truncations.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise ValueError(f'W2SD: {name} must be a whole number, got {value!r}')
+    return int(value)
+
+
 def parse(*args):
-    """``Options`` from the script's positional values, or from a dict of ``ARGS`` names in the first slot (API;
-    the host fills the other slots with the UI's defaults, which the dict replaces)."""
+    """``Options`` from the script's values: all of ``ARGS`` in the UI's order, or a dict of ``ARGS`` names in the
+    first slot (API; names it leaves out take their defaults, and the host's UI defaults in the other slots are
+    ignored). Anything else is a ``ValueError`` naming the setting."""
     if args and isinstance(args[0], dict):
+        if len(args) not in (1, len(ARGS)):
+            raise ValueError(f'W2SD: got a settings dict and {len(args) - 1} more script args; the W2SD panel has '
+                             f'{len(ARGS)} settings ({", ".join(ARGS)}): send one dict or all {len(ARGS)} values')
         unknown = set(args[0]) - set(ARGS)
         if unknown:
             raise ValueError(f'W2SD: unknown settings {sorted(unknown)}; known: {list(ARGS)}')
         values = {**dataclasses.asdict(DEFAULTS), **args[0]}
     else:
-        if len(args) > len(ARGS):
-            raise ValueError(f'W2SD: expected at most {len(ARGS)} script args ({", ".join(ARGS)}), got {len(args)}')
-        values = {**dataclasses.asdict(DEFAULTS), **dict(zip(ARGS, args))}
+        if len(args) != len(ARGS):
+            raise ValueError(f'W2SD: the webui passed {len(args)} values for the W2SD panel\'s {len(ARGS)} settings '
+                             f'({", ".join(ARGS)}): the extension\'s script and UI are out of step (restart the '
+                             f'webui); API clients send all {len(ARGS)} in this order or one dict of names')
+        values = dict(zip(ARGS, args))
     v = values
-    if v['weak'] not in KINDS:
+    if not isinstance(v['enabled'], bool):
+        raise ValueError(f'W2SD: enabled (the Enable checkbox) must be true or false, got {v["enabled"]!r}; '
+                         'API clients: send a JSON boolean, not a string or number')
+    if not isinstance(v['weak'], str) or v['weak'] not in KINDS:
         raise ValueError(f'W2SD: weak must be one of {KINDS}, got {v["weak"]!r}')
     for name in ('weak_cfg', 'weak_lora', 'reflection_cfg', 'strength'):
         v[name] = _number(name, v[name])
     for name in ('weak_prompt', 'weak_negative_prompt', 'lora_names', 'weak_checkpoint'):
         if not isinstance(v[name], str):
             raise ValueError(f'W2SD: {name} must be a string, got {type(v[name]).__name__}')
-    lam = v['lam']
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam != int(lam) or lam < -1:
-        raise ValueError(f'W2SD: lam (reflected steps) must be an integer >= 0, or -1 for all but the last step; '
-                         f'got {lam!r}')
-    v['lam'] = int(lam)
+    v['lam'] = _integer('lam (reflected steps: -1 = all but the last, or a count >= 0)', v['lam'])
+    if v['lam'] < -1:
+        raise ValueError(f'W2SD: lam (reflected steps) must be -1 (all but the last step) or >= 0, got {v["lam"]}')
     check_options(strength=v['strength'], weak_sigma=v['weak_sigma'], form='paper', reflections=1)
-    options = Options(**{**v, 'enabled': bool(v['enabled'])})
+    options = Options(**v)
     if options.enabled and options.weak == 'prompt' and not options.weak_prompt.strip():
         raise ValueError("W2SD: weak='prompt' needs a weak prompt")
     if options.enabled and options.weak == 'checkpoint' and not options.weak_checkpoint:
@@ -81,6 +96,7 @@ def parse(*args):
 
 # Infotext keys, written only for an enabled run and only where they apply to its kind of weak model.
 KEY = 'W2SD'
+HIRES_KEY = 'W2SD hires pass'  # written when a hires pass samples without reflection
 KEYS = {
     'weak_cfg': 'W2SD weak CFG',
     'weak_prompt': 'W2SD weak prompt',
@@ -124,8 +140,15 @@ def from_infotext(params):
     for name, key in KEYS.items():
         default = getattr(DEFAULTS, name)
         raw = params.get(key, default)
+        if isinstance(default, str):
+            values[name] = str(raw)
+            continue
         try:
-            values[name] = type(default)(float(raw)) if isinstance(default, (int, float)) else str(raw)
+            number = float(raw)
         except ValueError:
             raise ValueError(f'W2SD: infotext {key}: {raw!r} is not a number') from None
+        if not math.isfinite(number) or (isinstance(default, int) and not number.is_integer()):
+            kind = 'whole number' if isinstance(default, int) else 'finite number'
+            raise ValueError(f'W2SD: infotext {key}: {raw!r} is not a {kind}')
+        values[name] = type(default)(number)
     return {name: values.get(name, getattr(DEFAULTS, name)) for name in ARGS}

@@ -25,3 +25,18 @@ def cond_request(p, total_steps):
     if hasattr(p, 'distilled_cfg_scale'):  # Forge
         size['distilled_cfg_scale'] = p.distilled_cfg_scale
     return size, total_steps(p.steps), None, p.extra_network_data
+
+
+def reflection_off(p, options):
+    """Why this pass runs without reflection (a short infotext value), or ``None`` when it reflects.
+
+    Forge drops the hires pass's negative prompt when its Hires CFG is 1 (``p.hr_uc = None``; 1.0 is the API's
+    default), and a reflection leg at any other CFG needs it. Failing the whole generation after the first pass
+    would lose it, so that pass samples without reflection and the infotext says so. A1111 has no ``hr_cfg``.
+    """
+    if not (getattr(p, 'is_hr_pass', False) and getattr(p, 'hr_cfg', None) == 1):
+        return None
+    leg_cfgs = (options.weak_cfg,) if options.weak == 'cfg' else (options.reflection_cfg,)
+    if all(cfg == 1 for cfg in leg_cfgs):
+        return None
+    return f'off (Hires CFG 1 has no negative prompt; W2SD needs CFG {leg_cfgs[0]:g})'

@@ -1,21 +1,38 @@
 """W2SD entries for the webui's sampler registry (``modules.sd_samplers``)."""
 from w2sd_samplers.sampling import SAMPLERS
 
+from .twins import REFUSED, TWINS
+
 PREFIX = 'W2SD '
+
+
+def host_name(funcname):
+    """The name of a host table's sampler function: ``sample_X``, or a callable's ``__name__`` (A1111's Restart)."""
+    return funcname if isinstance(funcname, str) else getattr(funcname, '__name__', repr(funcname))
+
+
+def twin(name):
+    """The W2SD twin of the host sampler function called ``name``, or ``None``."""
+    if name in TWINS:
+        return TWINS[name]
+    return SAMPLERS.get(name[len('sample_'):]) if name.startswith('sample_') else None
 
 
 def sampler_table(host_table):
     """``(label, name, aliases, options)`` for each entry of the host's ``samplers_k_diffusion`` table that has a
-    W2SD twin; ``name`` is the key of ``w2sd_samplers.SAMPLERS``.
+    W2SD twin; ``name`` is the host function's name (``twin(name)`` is the twin).
 
     The host's options are kept, so each W2SD sampler gets its twin's default schedule and the same injected
     kwargs (``brownian_noise`` -> a per-image-seeded ``noise_sampler``, ``solver_type``, ``second_order``, ...).
     """
-    rows = []
-    for label, funcname, aliases, options in host_table:
-        if isinstance(funcname, str) and funcname.startswith('sample_') and funcname[7:] in SAMPLERS:
-            rows.append((PREFIX + label, funcname[7:], ['w2sd_' + a for a in aliases], dict(options)))
-    return rows
+    return [(PREFIX + label, host_name(funcname), ['w2sd_' + a for a in aliases], dict(options))
+            for label, funcname, aliases, options in host_table if twin(host_name(funcname)) is not None]
+
+
+def refusals(host_table):
+    """``{label: reason}`` for the host's samplers that get no W2SD twin."""
+    return {label: REFUSED.get(host_name(funcname), 'no W2SD twin in this version of the extension')
+            for label, funcname, _, _ in host_table if twin(host_name(funcname)) is None}
 
 
 def is_w2sd(sampler_name):
