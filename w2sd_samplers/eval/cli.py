@@ -200,6 +200,11 @@ def main(args):
     store.check(settings, args.resume)
 
     from accelerate import PartialState
+    if args.no_progress:                # also the loaders' bars: an error stays the only line on stderr
+        import diffusers
+        import transformers
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
     dtype = args.dtype or ('float16' if device.type == 'cuda' else 'float32')

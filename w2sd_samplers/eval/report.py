@@ -112,8 +112,8 @@ def winrate_plot(path, rows, methods, scorer):
                 continue
             rate, (lo, hi) = win_rate(a, b)
             err = None if math.isnan(lo) else [[rate - lo], [hi - rate]]
-            label = f'vs {ref}' if ref not in ax.get_legend_handles_labels()[1] else None
-            ax.barh(y, rate, xerr=err, color=f'C{refs.index(ref)}', capsize=3, label=label and f'vs {ref}')
+            label = None if f'vs {ref}' in ax.get_legend_handles_labels()[1] else f'vs {ref}'
+            ax.barh(y, rate, xerr=err, color=f'C{refs.index(ref)}', capsize=3, label=label)
             ticks.append((y, f'{m} vs {ref}'))
             y += 1
     ax.axvline(.5, color='k', lw=.8, ls='--')

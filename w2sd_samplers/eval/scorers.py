@@ -41,9 +41,8 @@ def check(spec):
     if kind in ('clip', 'pickscore', 'aesthetic'):
         for name in ('config.json', 'model.safetensors'):
             _need(spec, os.path.join(paths[0], name))
-    else:
-        for p in paths:
-            _need(spec, p)
+    for p in paths[1:] if kind in ('clip', 'pickscore', 'aesthetic') else paths:
+        _need(spec, p)
     if kind == 'aesthetic' and not paths[1].endswith('.safetensors'):
         raise UsageError(f'--scorer {spec}: the aesthetic MLP must be a .safetensors file')
     return kind, paths
