@@ -73,6 +73,7 @@ def standalone(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
     args = p.parse_args(argv)
+    args.command_line = sys.argv[1:] if argv is None else list(argv)
     try:
         main(args)
     except UsageError as e:
@@ -229,7 +230,7 @@ def main(args):
         _work(state, store, pipe, prompts, mine, done, methods, steps, pair_options, o, args, scorers)
     state.wait_for_everyone()
     if state.is_main_process:
-        return _summarise(store, args, methods, prompts, steps, size, state.num_processes)
+        return _summarise(store, args, methods, prompts, size, state.num_processes)
     return None
 
 
@@ -288,7 +289,7 @@ def _work(state, store, pipe, prompts, items, done, methods, steps, pair_options
         bar.close()
 
 
-def _summarise(store, args, methods, prompts, steps, size, processes):
+def _summarise(store, args, methods, prompts, size, processes):
     import json
 
     from PIL import Image
@@ -301,7 +302,9 @@ def _summarise(store, args, methods, prompts, steps, size, processes):
         fid = S.fid(args.fid, args.fid_features, {m: v for m, v in images.items() if len(v) > 1}, size)
     scorer_names = list(rows[0]['scores']) if rows else []
     expected = len(prompts) * args.seeds * len(methods)
-    argv = sys.argv[sys.argv.index('eval') + 1:] if 'eval' in sys.argv[1:2] else sys.argv[1:]
+    argv = getattr(args, 'command_line', None)         # None: run as `w2sd eval ...`
+    if argv is None:
+        argv = sys.argv[sys.argv.index('eval') + 1:] if 'eval' in sys.argv else sys.argv[1:]
     text = '\n'.join([
         f'# w2sd eval: {os.path.basename(os.path.normpath(args.model))}, pair {args.pair}', '',
         f'{len(prompts)} prompts x {args.seeds} seeds, {len(rows)} of {expected} rows; sampler {args.sampler}, '

@@ -142,7 +142,8 @@ class _PackageScorer:
     @torch.no_grad()
     def score(self, images, prompts):
         if self.kind == 'hpsv2':
-            values = [self.lib.score([im], p, cp=self.paths[0], hps_version='v2.1')[0] for im, p in zip(images, prompts)]
+            values = [self.lib.score([im], p, cp=self.paths[0], hps_version='v2.1')[0]
+                      for im, p in zip(images, prompts)]
         else:
             values = [self.model.score(p, [im]) for im, p in zip(images, prompts)]
         return torch.tensor([float(v) for v in values])
