@@ -160,7 +160,7 @@ def test_scorers_from_local_folders(setup, tmp_path):
     clip_s = scorers.load(f'clip:{clip}', 'cpu').score(images, PROMPTS)
     pick = scorers.load(f'pickscore:{clip}', 'cpu').score(images, PROMPTS)
     assert clip_s.shape == (2,) and ((clip_s >= 0) & (clip_s <= 100)).all()
-    scale = float(transformers.CLIPModel.from_pretrained(clip).logit_scale.exp())
+    scale = float(transformers.CLIPModel.from_pretrained(clip).logit_scale.detach().exp())
     positive = clip_s > 0                     # CLIP score is max(100 cos, 0); PickScore is logit_scale * cos
     assert torch.allclose(pick[positive], clip_s[positive] * scale / 100, rtol=1e-4)
     # LAION's MLP layout (Linear layers at 0, 2; dropout between); a zero first layer leaves the last bias
@@ -219,3 +219,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, capsys, tmp_path
         usage_error(capsys, argv, message)
         assert not out.exists(), message
     usage_error(capsys, ['eval'] + swap('--methods', 'nope'), '--methods', main=cli.main)
+
+
+def test_lora_and_prompt_pairs(setup, tmp_path):
+    peft = pytest.importorskip('peft')
+    from peft.utils import get_peft_model_state_dict
+    root, clip = setup
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(root / 'model')
+    torch.manual_seed(5)
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=['to_q', 'to_k', 'to_v', 'to_out.0'],
+                                          init_lora_weights=False))
+    diffusers.StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    (tmp_path / 'one.txt').write_text('a cat\n')
+    common = [str(root / 'model'), '--prompts', str(tmp_path / 'one.txt'), '--seeds', '1', '--methods',
+              'w2sd-paper,autoguidance', '--steps', '2', '--nfe', '6', '--cfg', '5.5', '--strong-cfg', '1',
+              '--weak-cfg', '1', '--scorer', f'clip:{clip}', '--cpu', '--no-progress']
+    lora = f'lora:{tmp_path / "pytorch_lora_weights.safetensors"}:0.8:-1.5'
+    for pair, out in ((lora, tmp_path / 'lora'), ('prompt:a dog', tmp_path / 'prompt')):
+        run_ok(common + ['--pair', pair, '--out', str(out)])
+        got = {r['method']: r for r in rows(out)}
+        # the legs run at CFG 1, the main step at 5.5: strong is not main, so guidance costs 3 calls per step
+        assert got['autoguidance']['nfe_roles'] == {'main': 2, 'strong': 2, 'weak': 2}
+        assert got['w2sd-paper']['nfe_roles'] == {'main': 2, 'strong': 1, 'weak': 1}

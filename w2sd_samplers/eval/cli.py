@@ -210,6 +210,9 @@ def main(args):
     device = state.device
     dtype = args.dtype or ('float16' if device.type == 'cuda' else 'float32')
     pipe = _load(args.model, device, dtype, 'model')
+    from ..generate import family
+    if family(pipe) == 'animatediff':
+        raise UsageError(f'model {args.model}: an AnimateDiff (video) pipeline; w2sd eval scores SD and SDXL images')
     pair_options = _pair_options(pipe, kind, value, scales, args, device, dtype)
     o = M.Options(args.sampler, args.lam_frac, args.strength, args.w2sd_window and tuple(args.w2sd_window),
                   args.ag_w, args.ag_window and tuple(args.ag_window))
