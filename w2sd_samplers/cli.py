@@ -210,6 +210,8 @@ def build_parser():
     add_generate_parser(sub)
     from .bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .eval.cli import add_parser as add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ VAE and image/video post-processing. Supported: SD 1.x/2.x and SDXL text-to-imag
 text-to-video. The pair can combine a second model (pipeline or UNet), a LoRA at two scales, two CFG scales and
 two prompts; ``w2sd=False`` runs the plain k-diffusion sampler on the same noise (the baseline).
 """
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -17,6 +18,7 @@ from . import _kdiff
 from .cli import HelpFormatter, UsageError, at_least, device, finite_float, output_file
 from .cfg import CFGDenoiser
 from .nfe import CallCounter
+from .pairs import Roles
 from .sampling import SAMPLERS
 
 FAMILIES = ('sd', 'sdxl', 'animatediff')
@@ -139,6 +141,102 @@ def _check_choice(name, value, choices):
         raise ValueError(f'{name} must be one of {sorted(choices)}, got {value!r}')
 
 
+@dataclasses.dataclass
+class PipelinePair:
+    """A pipeline's W2SD roles for one prompt (:func:`pipeline_pair`), with its schedule, noise and decoder.
+
+    ``roles``: a :class:`~w2sd_samplers.pairs.Roles` of CFG denoisers (``den``, the pipeline's UNet as a
+    k-diffusion denoiser, behind :class:`~w2sd_samplers.cfg.CFGDenoiser`); the strong leg is ``None`` (the main
+    denoiser) when it runs at the main step's CFG scale.
+    """
+    pipe: object
+    family: str
+    den: object
+    roles: object
+    height: int
+    width: int
+
+    def sigmas(self, steps, schedule='native', parity=False):
+        from .adapters.vp import spaced_timesteps, timestep_sigmas
+        from .parity import parity_sigmas
+        config = self.pipe.scheduler.config
+        if parity:
+            sigmas = parity_sigmas(self.den, steps, config.get('steps_offset', 0))
+        elif schedule == 'native':
+            ts = spaced_timesteps(steps, config.get('timestep_spacing', 'leading'), config.get('steps_offset', 0),
+                                  len(self.den.sigmas))
+            # DDIM with set_alpha_to_one=False (as SD/SDXL ship) ends at abar_0, not at sigma 0.
+            sigmas = timestep_sigmas(self.den, ts, 0. if config.get('set_alpha_to_one', True) else 'alpha0')
+        else:
+            sigmas = self.den.schedule(steps, schedule)
+        return sigmas.to(self.pipe._execution_device)
+
+    def sample(self, run, sigmas, seed, num_frames=16):
+        """VP latents of ``run(x, sigmas)`` from the seed's initial noise; the seed also drives ancestral noise."""
+        device, vsf = self.pipe._execution_device, self.pipe.vae_scale_factor
+        shape = [len(self.roles.extra_args['cond']['encoder_hidden_states']), self.pipe.unet.config.in_channels,
+                 self.height // vsf, self.width // vsf]
+        if self.family == 'animatediff':
+            shape.insert(2, num_frames)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        x = noise * (1 + sigmas[0] ** 2).sqrt()          # the VP pure-noise latent in VE coordinates
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            torch.manual_seed(seed)                      # ancestral/SDE noise, without touching the caller's RNG
+            x = run(x, sigmas)
+        latents = x / (1 + sigmas[-1] ** 2).sqrt()       # back to the VP latent diffusers decodes
+        return latents.to(self.pipe.unet.dtype)
+
+    def decode(self, latents, output_type='pil'):
+        return _decode(self.pipe, self.family, latents, output_type)
+
+
+@contextlib.contextmanager
+def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None, guidance_scale=7.5,
+                  strong_cfg=None, weak_cfg=None, weak_model=None, weak_prompt=None, lora=None,
+                  lora_scales=(1., -1.)):
+    """The :class:`PipelinePair` of :func:`generate`'s pair options (same meaning, same defaults) for ``prompt``;
+    a LoRA adapter's state is restored on exit."""
+    from .adapters.unet import unet_denoiser
+    fam = family(pipe)
+    device = pipe._execution_device           # the UNet's device, or the offload target
+    vsf = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * vsf
+    width = width or pipe.unet.config.sample_size * vsf
+    if height % vsf or width % vsf:
+        raise ValueError(f'height and width must be multiples of the VAE scale factor {vsf}, got {height}x{width}')
+    strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
+    weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
+    weak_pipe = weak_model if hasattr(weak_model, 'unet') else None
+    weak_unet = weak_pipe.unet if weak_pipe is not None else weak_model
+    if weak_pipe is not None and family(weak_pipe) != fam:
+        raise ValueError(f'weak_model is a {family(weak_pipe)} pipeline; the main one is {fam}')
+    den = unet_denoiser(pipe.unet, pipe.scheduler)
+    switch = _LoraScales(pipe, lora) if lora is not None else None
+    try:
+        def encoded(p, text, scale):
+            if switch is not None:
+                switch.use(scale)
+            return _conds(p, fam, text, negative_prompt, height, width, device)
+
+        s_scale, w_scale = lora_scales if switch is not None else (None, None)
+        cond, uncond = encoded(pipe, prompt, s_scale)
+        w_cond, w_uncond = encoded(weak_pipe or pipe, prompt if weak_prompt is None else weak_prompt, w_scale)
+        main = CFGDenoiser(den)
+        weak = main if weak_unet is None else CFGDenoiser(
+            unet_denoiser(weak_unet, (weak_pipe or pipe).scheduler))
+        if switch is not None:
+            main, weak = switch.wrap(main, s_scale), switch.wrap(weak, w_scale)
+        main_args = {'cond': cond, 'uncond': uncond, 'cond_scale': guidance_scale}
+        same = strong_cfg == guidance_scale
+        roles = Roles(main=main, extra_args=main_args, strong=None if same else main,
+                      strong_extra_args=None if same else {**main_args, 'cond_scale': strong_cfg}, weak=weak,
+                      weak_extra_args={'cond': w_cond, 'uncond': w_uncond, 'cond_scale': weak_cfg})
+        yield PipelinePair(pipe, fam, den, roles, height, width)
+    finally:
+        if switch is not None:
+            switch.restore()
+
+
 @torch.no_grad()
 def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', schedule='native', guidance_scale=7.5,
              seed=0, height=None, width=None, num_frames=16, w2sd=True, weak_model=None, weak_prompt=None,
@@ -159,10 +257,9 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     Other keywords are W2SD options (``lam``, ``strength``, ...); ``sampler_options`` go to the sampler (eta...).
     Returns a :class:`GenerateResult`.
     """
-    from .adapters.vp import require_diffusers, spaced_timesteps, timestep_sigmas
-    from .parity import parity_sigmas, sample_w2sd_official
+    from .adapters.vp import require_diffusers
+    from .parity import sample_w2sd_official
     require_diffusers()
-    fam = family(pipe)
     _check_choice('sampler', sampler, SAMPLERS)
     _check_choice('schedule', schedule, SCHEDULES)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -172,19 +269,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
         if value is not None and not _finite(value):
             raise ValueError(f'{name} must be a finite number, got {value!r}')
-    from .adapters.unet import unet_denoiser
-    device = pipe._execution_device           # the UNet's device, or the offload target
-    vsf = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * vsf
-    width = width or pipe.unet.config.sample_size * vsf
-    if height % vsf or width % vsf:
-        raise ValueError(f'height and width must be multiples of the VAE scale factor {vsf}, got {height}x{width}')
     strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
     weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
-    weak_pipe = weak_model if hasattr(weak_model, 'unet') else None
-    weak_unet = weak_pipe.unet if weak_pipe is not None else weak_model
-    if weak_pipe is not None and family(weak_pipe) != fam:
-        raise ValueError(f'weak_model is a {family(weak_pipe)} pipeline; the main one is {fam}')
     lora_on = lora is not None
     if lora_on and (not isinstance(lora_scales, (tuple, list)) or len(lora_scales) != 2
                     or not all(map(_finite, lora_scales))):
@@ -194,66 +280,26 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
         raise ValueError('the weak denoiser equals the strong one: give a pair (weak_model, weak_prompt, '
                          'weak_cfg != strong_cfg, or lora with two scales), or w2sd=False for the baseline')
 
-    den = unet_denoiser(pipe.unet, pipe.scheduler)
-    counter = CallCounter()
-    switch = _LoraScales(pipe, lora) if lora_on else None
-    try:
-        def encoded(p, text, scale):
-            if switch is not None:
-                switch.use(scale)
-            return _conds(p, fam, text, negative_prompt, height, width, device)
+    with pipeline_pair(pipe, prompt, negative_prompt=negative_prompt, height=height, width=width,
+                       guidance_scale=guidance_scale, strong_cfg=strong_cfg, weak_cfg=weak_cfg, weak_model=weak_model,
+                       weak_prompt=weak_prompt, lora=lora, lora_scales=lora_scales) as pair:
+        counter = CallCounter()
+        roles = pair.roles
+        (strong, strong_args), (weak, weak_args) = roles.leg('strong'), roles.leg('weak')
+        w2sd_kwargs = dict(weak=counter.wrap(weak, 'weak'), strong=counter.wrap(strong, 'strong'),
+                           strong_extra_args=strong_args, weak_extra_args=weak_args, **w2sd_options)
+        model = counter.wrap(roles.main, 'main')
+        options = dict(extra_args=roles.extra_args, disable=not progress, **(sampler_options or {}))
 
-        s_scale, w_scale = lora_scales if lora_on else (None, None)
-        cond, uncond = encoded(pipe, prompt, s_scale)
-        w_cond, w_uncond = encoded(weak_pipe or pipe, prompt if weak_prompt is None else weak_prompt, w_scale)
-        main = CFGDenoiser(den)
-        weak = main if weak_unet is None else CFGDenoiser(
-            unet_denoiser(weak_unet, (weak_pipe or pipe).scheduler))
-        if switch is not None:
-            main, weak = switch.wrap(main, s_scale), switch.wrap(weak, w_scale)
-        main_args = {'cond': cond, 'uncond': uncond, 'cond_scale': guidance_scale}
-        w2sd_kwargs = dict(weak=counter.wrap(weak, 'weak'), strong=counter.wrap(main, 'strong'),
-                           strong_extra_args={**main_args, 'cond_scale': strong_cfg},
-                           weak_extra_args={'cond': w_cond, 'uncond': w_uncond, 'cond_scale': weak_cfg},
-                           **w2sd_options)
-
-        config = pipe.scheduler.config
-        if parity:
-            sigmas = parity_sigmas(den, steps, config.get('steps_offset', 0))
-        elif schedule == 'native':
-            ts = spaced_timesteps(steps, config.get('timestep_spacing', 'leading'), config.get('steps_offset', 0),
-                                  len(den.sigmas))
-            # DDIM with set_alpha_to_one=False (as SD/SDXL ship) ends at abar_0, not at sigma 0.
-            sigmas = timestep_sigmas(den, ts, 0. if config.get('set_alpha_to_one', True) else 'alpha0')
-        else:
-            sigmas = den.schedule(steps, schedule)
-        sigmas = sigmas.to(device)
-
-        channels = pipe.unet.config.in_channels
-        shape = [len(cond['encoder_hidden_states']), channels, height // vsf, width // vsf]
-        if fam == 'animatediff':
-            shape.insert(2, num_frames)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
-        x = noise * (1 + sigmas[0] ** 2).sqrt()          # the VP pure-noise latent in VE coordinates
-
-        K = _kdiff.sampling()
-        model = counter.wrap(main, 'main')
-        options = dict(extra_args=main_args, disable=not progress, **(sampler_options or {}))
-        rng_devices = [device] if device.type == 'cuda' else []
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(seed)                      # ancestral/SDE noise, without touching the caller's RNG
+        def run(x, sigmas):
+            K = _kdiff.sampling()
             if parity and w2sd:
-                x = sample_w2sd_official(model, x, sigmas, **options, **w2sd_kwargs)
-            elif parity or not w2sd:
-                x = getattr(K, 'sample_euler' if parity else f'sample_{sampler}')(model, x, sigmas, **options)
-            else:
-                x = SAMPLERS[sampler](model, x, sigmas, **options, **w2sd_kwargs)
-        latents = x / (1 + sigmas[-1] ** 2).sqrt()       # back to the VP latent diffusers decodes
-        latents = latents.to(pipe.unet.dtype)
-        images = _decode(pipe, fam, latents, output_type)
-    finally:
-        if switch is not None:
-            switch.restore()
+                return sample_w2sd_official(model, x, sigmas, **options, **w2sd_kwargs)
+            if parity or not w2sd:
+                return getattr(K, 'sample_euler' if parity else f'sample_{sampler}')(model, x, sigmas, **options)
+            return SAMPLERS[sampler](model, x, sigmas, **options, **w2sd_kwargs)
+        latents = pair.sample(run, pair.sigmas(steps, schedule, parity), seed, num_frames)
+        images = pair.decode(latents, output_type)
     return GenerateResult(images, latents, dict(counter.counts))
 
 
