@@ -1,5 +1,6 @@
 """The `w2sd` command: demo output, --version and --help, one-line user errors, no third-party warnings."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -62,6 +63,12 @@ def test_demo_plot_reads_without_the_readme(tmp_path, monkeypatch):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ['samples', 'ideal mode centres']
     centres = fig.axes[1].collections[1].get_offsets()
     assert sorted(map(tuple, centres.tolist())) == [(-4, -4), (-4, 4), (4, -4), (4, 4)]
+
+
+def test_package_version_matches_the_metadata():
+    # pyproject.toml keeps a static version (ComfyUI's registry reads it); the package must report the same one.
+    text = open(os.path.join(os.path.dirname(__file__), '..', 'pyproject.toml'), encoding='utf-8').read()
+    assert re.search(r'^version = "(.+)"$', text, re.M).group(1) == w2sd_samplers.__version__
 
 
 def test_version_and_every_default_in_help(capsys):

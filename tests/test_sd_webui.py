@@ -534,7 +534,7 @@ def test_install_leaves_no_build_files_in_the_checkout(monkeypatch, tmp_path):
     repo = os.path.join(os.path.dirname(__file__), '..')
     src = tmp_path / 'checkout'
     src.mkdir()
-    for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
+    for name in ('pyproject.toml', 'README.md', 'LICENSE', 'NOTICE'):
         shutil.copy(os.path.join(repo, name), src)
     shutil.copytree(os.path.join(repo, 'w2sd_samplers'), src / 'w2sd_samplers',
                     ignore=shutil.ignore_patterns('__pycache__'))

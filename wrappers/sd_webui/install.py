@@ -6,12 +6,12 @@ import tempfile
 import launch
 
 DIST = 'w2sd-samplers'
-# What a build of the library reads from a checkout (setup.cfg's metadata, package and package data).
-SOURCES = ('setup.cfg', 'pyproject.toml', 'README.md', 'LICENSE', 'w2sd_samplers')
+# What a build of the library reads from a checkout (pyproject.toml's metadata, licence files, package and data).
+SOURCES = ('pyproject.toml', 'README.md', 'LICENSE', 'NOTICE', 'w2sd_samplers')
 
 
 def is_checkout(path):
-    return os.path.isfile(os.path.join(path, 'setup.cfg')) and os.path.isdir(os.path.join(path, 'w2sd_samplers'))
+    return os.path.isfile(os.path.join(path, 'pyproject.toml')) and os.path.isdir(os.path.join(path, 'w2sd_samplers'))
 
 
 def checkout(extension_dir):
