@@ -259,7 +259,7 @@ def test_prompt_pair_through_the_w2sd_guider(server):
 
 
 @pytest.mark.parametrize('change, where', [
-    ({'sampler_name': 'ipndm'}, 'sampler_name'),
+    ({'sampler_name': 'uni_pc'}, 'sampler_name'),
     ({'lam': -2}, 'lam'),
     ({'form': 'mirror'}, 'form'),
 ])
