@@ -143,7 +143,7 @@ def test_errors_name_the_fix():
     assert core.sample('euler', plain, x, sigmas[:1], main, weak_cfg=0.) is x  # as ComfyUI's samplers do
 
 
-@pytest.mark.parametrize('name', ['res_multistep', 'uni_pc', 'dpm_adaptive', 'dpm_fast', 'dpmpp_2m_cfg_pp'])
+@pytest.mark.parametrize('name', ['res_multistep_cfg_pp', 'uni_pc', 'dpm_adaptive', 'dpm_fast', 'dpmpp_2m_cfg_pp'])
 def test_samplers_without_a_w2sd_form_are_refused_with_the_reason(name):
     with pytest.raises(ValueError, match=f"sampler_name '{name}' cannot run with W2SD reflections: .*(multistep|"
                                          f"schedule|step sizes)"):

@@ -84,7 +84,7 @@ def test_every_sampler_of_comfyuis_list_is_offered_or_refused_with_a_reason():
     assert SAMPLER_NAMES == [n for n in comfy.samplers.SAMPLER_NAMES if n in SAMPLER_NAMES]
 
 
-BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis')
+BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_ancestral')
 
 
 @pytest.mark.parametrize('name', SAMPLER_NAMES)

@@ -24,8 +24,8 @@ CASES = [('euler', {}), ('euler', {'s_churn': 2.}), ('euler_ancestral', {}), ('e
 
 
 # The hosts' samplers that PyPI k-diffusion lacks: tested against the hosts and independent forms in
-# test_sd_webui_twins.py and test_comfyui_real.py.
-HOST_ONLY = {'heunpp2', 'ipndm', 'ipndm_v'}
+# test_sampling_twins.py, test_sd_webui_twins.py and test_comfyui_real.py.
+HOST_ONLY = {'heunpp2', 'ipndm', 'ipndm_v', 'res_multistep'}
 
 
 def test_every_sampler_is_covered():

@@ -548,6 +548,41 @@ def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=N
     return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
 
 
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                              noise_sampler=None, eta=0., **w2sd):
+    """ComfyUI's res_multistep (the second-order RES multistep of arXiv 2308.02157; ``eta > 0``: its ancestral form)
+    with W2SD reflections; the previous denoised estimate and sigma_down carry across reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
+    old_sigma_down, old_denoised = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigma_down == 0 or old_denoised is None:
+            x = x + K.to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = (_t_fn(sigmas[i]), _t_fn(old_sigma_down), _t_fn(sigma_down),
+                                        _t_fn(sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = _sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigma_up > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
 def with_reflection(sampler):
     """W2SD version of a single-step k-diffusion-style sampler.
 

@@ -43,14 +43,15 @@ TWINS = {
     'ipndm': ('ipndm', {}),
     'ipndm_v': ('ipndm_v', {}),
     'deis': ('deis', {}),
+    'res_multistep': ('res_multistep', {}),
+    'res_multistep_ancestral': ('res_multistep', {'eta': 1.}),
 }
 _HISTORY = 'multistep: its history must carry across reflections and the library has no W2SD twin of it yet'
 REFUSED = {
     'dpm_fast': 'it makes its own schedule from sigma_min and sigma_max',
     'dpm_adaptive': 'it chooses its own step sizes',
     **{name: _HISTORY for name in (
-        'dpmpp_2m_cfg_pp', 'res_multistep', 'res_multistep_cfg_pp',
-        'res_multistep_ancestral', 'res_multistep_ancestral_cfg_pp', 'gradient_estimation',
+        'dpmpp_2m_cfg_pp', 'res_multistep_cfg_pp', 'res_multistep_ancestral_cfg_pp', 'gradient_estimation',
         'gradient_estimation_cfg_pp', 'er_sde', 'sa_solver', 'sa_solver_pece', 'uni_pc', 'uni_pc_bh2')},
 }
 # In the order of ComfyUI's own sampler list.
@@ -59,7 +60,7 @@ SAMPLER_NAMES = [
     'exp_heun_2_x0_sde', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral', 'dpmpp_2s_ancestral_cfg_pp',
     'dpmpp_sde', 'dpmpp_sde_gpu', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2m_sde_gpu', 'dpmpp_2m_sde_heun',
     'dpmpp_2m_sde_heun_gpu', 'dpmpp_3m_sde', 'dpmpp_3m_sde_gpu', 'ddpm', 'lcm', 'ipndm', 'ipndm_v', 'deis',
-    'seeds_2', 'seeds_3', 'ddim']
+    'res_multistep', 'res_multistep_ancestral', 'seeds_2', 'seeds_3', 'ddim']
 # Random inpaint noise, as ComfyUI's sampler_object gives its ddim.
 INPAINT_OPTIONS = {'ddim': {'random': True}}
 # ComfyUI builds a Brownian tree over the whole schedule for these (on the CPU unless _gpu).
@@ -213,6 +214,9 @@ def sample(name, model, x, sigmas, extra_args=None, callback=None, disable=None,
         twin, twin_options = TWINS[name]
         fn = getattr(sampling, 'sample_w2sd_' + twin)
         options.update(twin_options)
+        if twin == 'res_multistep':  # ComfyUI (v0.33) scales its noise by the model's noise_scale
+            model_sampling = model.inner_model.model_patcher.get_model_object('model_sampling')
+            options['s_noise'] = options.get('s_noise', 1.) * getattr(model_sampling, 'noise_scale', 1.0)
     else:
         host = getattr(_kdiff.sampling(), 'sample_' + HOST_STEPS[name])
         fn = with_reflection(host_step(host, model))
