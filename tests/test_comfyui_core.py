@@ -154,7 +154,7 @@ def test_sampler_lists_are_consistent():
     assert not set(core.SAMPLER_NAMES) & set(core.REFUSED)
     assert set(core.SAMPLER_NAMES) == set(core.HOST_STEPS) | set(core.TWINS)
     assert all(hasattr(sampling, 'sample_w2sd_' + twin) for twin, _ in core.TWINS.values())
-    assert set(core.NOT_FOR_FLOW) <= set(core.BROWNIAN)
+    assert set(core.NOT_FOR_FLOW) <= set(core.BROWNIAN) and set(core.BIT_EXACT_TWINS) <= set(core.TWINS)
 
 
 def test_missing_negative_is_an_error_not_a_blow_up():

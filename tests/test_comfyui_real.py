@@ -27,7 +27,7 @@ import comfy.samplers  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 
 from wrappers.comfyui import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
-from wrappers.comfyui.core import HOST_STEPS, REFUSED, ROLE_KEY, SAMPLER_NAMES  # noqa: E402
+from wrappers.comfyui.core import BIT_EXACT_TWINS, HOST_STEPS, REFUSED, ROLE_KEY, SAMPLER_NAMES  # noqa: E402
 
 STEPS, SEED = 3, 42
 
@@ -82,9 +82,6 @@ def w2sd_sampler(name, strength, form='paper', cfg_source='auto', strong_cfg=5.5
 def test_every_sampler_of_comfyuis_list_is_offered_or_refused_with_a_reason():
     assert set(comfy.samplers.SAMPLER_NAMES) == set(SAMPLER_NAMES) | set(REFUSED)
     assert SAMPLER_NAMES == [n for n in comfy.samplers.SAMPLER_NAMES if n in SAMPLER_NAMES]
-
-
-BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_ancestral')
 
 
 @pytest.mark.parametrize('name', SAMPLER_NAMES)

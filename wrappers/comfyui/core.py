@@ -46,6 +46,8 @@ TWINS = {
     'res_multistep': ('res_multistep', {}),
     'res_multistep_ancestral': ('res_multistep', {'eta': 1.}),
 }
+# Twins written in ComfyUI's operation order: off is ComfyUI's sampler bit for bit (the others differ by rounding).
+BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_ancestral')
 _HISTORY = 'multistep: its history must carry across reflections and the library has no W2SD twin of it yet'
 REFUSED = {
     'dpm_fast': 'it makes its own schedule from sigma_min and sigma_max',
