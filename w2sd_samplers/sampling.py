@@ -64,6 +64,16 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
+def _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """The start of a churned step (Euler, Heun, DPM2, HeunPP2): churn, one model call, the callback; returns
+    ``(x, sigma_hat, d)``."""
+    x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+    denoised = model(x, sigma_hat * s_in, **extra_args)
+    if callback is not None:
+        callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+    return x, sigma_hat, _kdiff.sampling().to_d(x, sigma_hat, denoised)
+
+
 def _brownian_default(x, sigmas, noise_sampler):
     if noise_sampler is not None:
         return noise_sampler
@@ -85,15 +95,11 @@ def _brownian_default(x, sigmas, noise_sampler):
 def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
     """Euler steps (Karras et al. 2022, Algorithm 2) with W2SD reflections."""
-    K = _kdiff.sampling()
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -128,11 +134,8 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt
@@ -152,11 +155,8 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
@@ -422,11 +422,8 @@ def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disabl
     s_end = sigmas[-1]
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == s_end:
             x = x + d * dt
