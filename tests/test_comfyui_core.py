@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from w2sd_samplers import _kdiff
-from w2sd_samplers.sampling import SAMPLERS, sample_w2sd_euler, sample_w2sd_dpmpp_2m
+from w2sd_samplers import sampling
+from w2sd_samplers.sampling import sample_w2sd_euler, sample_w2sd_dpmpp_2m
 from w2sd_samplers.toy import GaussianMixture
 
 _path = pathlib.Path(__file__).parents[1] / 'wrappers' / 'comfyui' / 'core.py'
@@ -142,7 +143,7 @@ def test_errors_name_the_fix():
     assert core.sample('euler', plain, x, sigmas[:1], main, weak_cfg=0.) is x  # as ComfyUI's samplers do
 
 
-@pytest.mark.parametrize('name', ['ipndm', 'uni_pc', 'dpm_adaptive', 'heunpp2', 'dpmpp_2m_cfg_pp'])
+@pytest.mark.parametrize('name', ['res_multistep_cfg_pp', 'uni_pc', 'dpm_adaptive', 'dpm_fast', 'dpmpp_2m_cfg_pp'])
 def test_samplers_without_a_w2sd_form_are_refused_with_the_reason(name):
     with pytest.raises(ValueError, match=f"sampler_name '{name}' cannot run with W2SD reflections: .*(multistep|"
                                          f"schedule|step sizes)"):
@@ -152,8 +153,8 @@ def test_samplers_without_a_w2sd_form_are_refused_with_the_reason(name):
 def test_sampler_lists_are_consistent():
     assert not set(core.SAMPLER_NAMES) & set(core.REFUSED)
     assert set(core.SAMPLER_NAMES) == set(core.HOST_STEPS) | set(core.TWINS)
-    assert all(twin in SAMPLERS for twin, _ in core.TWINS.values())
-    assert set(core.NOT_FOR_FLOW) <= set(core.BROWNIAN)
+    assert all(hasattr(sampling, 'sample_w2sd_' + twin) for twin, _ in core.TWINS.values())
+    assert set(core.NOT_FOR_FLOW) <= set(core.BROWNIAN) and set(core.BIT_EXACT_TWINS) <= set(core.TWINS)
 
 
 def test_missing_negative_is_an_error_not_a_blow_up():

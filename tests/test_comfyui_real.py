@@ -27,7 +27,7 @@ import comfy.samplers  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 
 from wrappers.comfyui import NODE_CLASS_MAPPINGS as NODES  # noqa: E402
-from wrappers.comfyui.core import HOST_STEPS, REFUSED, ROLE_KEY, SAMPLER_NAMES  # noqa: E402
+from wrappers.comfyui.core import BIT_EXACT_TWINS, HOST_STEPS, REFUSED, ROLE_KEY, SAMPLER_NAMES  # noqa: E402
 
 STEPS, SEED = 3, 42
 
@@ -96,7 +96,7 @@ def test_reflection_off_equals_comfyuis_own_sampler_for_the_same_seed(setup, nam
     off = run(w2sd_sampler(name, 0.0))
     print(f'{name}: max |off - host| = {(off - ref).abs().max().item():.3g}, max |host| = '
           f'{ref.abs().max().item():.3g}')
-    if name in HOST_STEPS or name == 'dpmpp_2m':  # ComfyUI's own step function, or the same arithmetic
+    if name in HOST_STEPS or name in BIT_EXACT_TWINS:  # ComfyUI's own step function, or the same arithmetic
         assert torch.equal(off, ref)
     else:  # same noise; ComfyUI writes some updates differently (half-log-SNR form, lms coefficients)
         torch.testing.assert_close(off, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())

@@ -59,7 +59,7 @@ def seeded(fn, *args, **kwargs):
 def test_dpm_fast_off_is_k_diffusions_bit_for_bit(n, eta):
     x = X * 14.6
     ref = seeded(K.sample_dpm_fast, gmm, x, 0.03, 14.6, n, eta=eta)
-    out = seeded(twins.sample_w2sd_dpm_fast, gmm, x, 0.03, 14.6, n, eta=eta, weak=weak, lam=0)
+    out = seeded(sampling.sample_w2sd_dpm_fast, gmm, x, 0.03, 14.6, n, eta=eta, weak=weak, lam=0)
     assert torch.equal(out, ref)
 
 
@@ -91,12 +91,28 @@ def test_restart_default_plan_follows_a1111(steps, restarts, per_restart):
 
 
 def test_ipndm_off_is_adams_bashforth():
-    """IPNDM's fixed weights are Adams-Bashforth's: on equal steps it is k-diffusion's LMS (order 4)."""
+    """IPNDM's fixed weights are Adams-Bashforth's: on equal steps it is k-diffusion's LMS (order 4), stepping into
+    sigma 0 as Forge does."""
     sigmas = torch.linspace(14., 0., 15)
     x = X * sigmas[0]
     ref = seeded(K.sample_lms, gmm, x, sigmas, order=4)
-    torch.testing.assert_close(seeded(twins.sample_w2sd_ipndm, gmm, x, sigmas, weak=weak, lam=0), ref,
-                               rtol=1e-4, atol=1e-4)
+    out = seeded(sampling.sample_w2sd_ipndm, gmm, x, sigmas, denoise_to_zero=False, weak=weak, lam=0)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('fn', [sampling.sample_w2sd_ipndm, sampling.sample_w2sd_ipndm_v])
+def test_ipndm_default_ends_with_the_denoised_estimate_as_comfyui(fn):
+    """ComfyUI's IPNDM* return the last model call's denoised estimate at sigma 0; Forge's steps there. Before the
+    last step the two forms are the same run."""
+    x, runs = X * KARRAS[0], {}
+    for denoise_to_zero in (True, False):
+        seen = []
+        out = seeded(fn, gmm, x, KARRAS, denoise_to_zero=denoise_to_zero, weak=weak, callback=seen.append)
+        runs[denoise_to_zero] = out, seen
+    (comfy, seen), (forge, seen_forge) = runs[True], runs[False]
+    assert torch.equal(comfy, seen[-1]['denoised'])
+    assert all(torch.equal(a['x'], b['x']) for a, b in zip(seen, seen_forge))
+    assert not torch.equal(comfy, forge)
 
 
 def test_ipndm_v_off_is_variable_step_adams_bashforth_at_order_2():
@@ -104,16 +120,17 @@ def test_ipndm_v_off_is_variable_step_adams_bashforth_at_order_2():
     against the host in test_sd_webui_host.py)."""
     x = X * KARRAS[0]
     ref = seeded(K.sample_lms, gmm, x, KARRAS, order=2)
-    out = seeded(twins.sample_w2sd_ipndm_v, gmm, x, KARRAS, max_order=2, weak=weak, lam=0)
+    out = seeded(sampling.sample_w2sd_ipndm_v, gmm, x, KARRAS, max_order=2, denoise_to_zero=False, weak=weak,
+                 lam=0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('fn', [twins.sample_w2sd_ipndm, twins.sample_w2sd_ipndm_v, twins.sample_w2sd_heunpp2])
+@pytest.mark.parametrize('fn', [sampling.sample_w2sd_ipndm, sampling.sample_w2sd_ipndm_v, sampling.sample_w2sd_heunpp2])
 def test_first_order_cases_are_w2sd_euler(fn):
     """With max_order 1 (IPNDM*) or a single step (HeunPP2's last step is Euler) the loop is Euler's, so the
     reflected run is the library's W2SD Euler: the reflection sits before the same steps."""
-    sigmas = KARRAS if fn is not twins.sample_w2sd_heunpp2 else KARRAS[-2:]
-    kwargs = {'max_order': 1} if fn is not twins.sample_w2sd_heunpp2 else {}
+    sigmas = KARRAS if fn is not sampling.sample_w2sd_heunpp2 else KARRAS[-2:]
+    kwargs = {'max_order': 1} if fn is not sampling.sample_w2sd_heunpp2 else {}
     x = X * sigmas[0]
     for w2sd in ({'weak': weak, 'lam': 0}, {'weak': weak}, {'weak': weak, 'lam': 3, 'weak_sigma': 'next'}):
         torch.testing.assert_close(seeded(fn, gmm, x, sigmas, **kwargs, **w2sd),
@@ -142,19 +159,19 @@ def test_deis_uses_the_hosts_coefficients_and_carries_history(monkeypatch):
     sigmas = KARRAS[:-1]  # DEIS takes an Euler step into sigma 0, IPNDM does not: end above 0
     x = X * sigmas[0]
     for w2sd in ({'lam': 0}, {}):
-        out = seeded(twins.sample_w2sd_deis, gmm, x, sigmas, weak=weak, **w2sd)
-        ref = seeded(twins.sample_w2sd_ipndm, gmm, x, sigmas, max_order=3, weak=weak, **w2sd)
+        out = seeded(sampling.sample_w2sd_deis, gmm, x, sigmas, weak=weak, **w2sd)
+        ref = seeded(sampling.sample_w2sd_ipndm, gmm, x, sigmas, max_order=3, weak=weak, **w2sd)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # --- reflected runs -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('fn, args, kwargs', [
-    (twins.sample_w2sd_dpm_fast, (0.03, 14.6, 10), {}),
+    (sampling.sample_w2sd_dpm_fast, (0.03, 14.6, 10), {}),
     (twins.sample_w2sd_restart, (K.get_sigmas_karras(20, 0.03, 14.6),), {}),
-    (twins.sample_w2sd_heunpp2, (KARRAS,), {}),
-    (twins.sample_w2sd_ipndm, (KARRAS,), {}),
-    (twins.sample_w2sd_ipndm_v, (KARRAS,), {}),
+    (sampling.sample_w2sd_heunpp2, (KARRAS,), {}),
+    (sampling.sample_w2sd_ipndm, (KARRAS,), {}),
+    (sampling.sample_w2sd_ipndm_v, (KARRAS,), {}),
 ])
 def test_reflection_costs_two_calls_per_reflected_step_and_changes_the_result(fn, args, kwargs):
     x = X * 14.6
@@ -169,9 +186,9 @@ def test_reflection_costs_two_calls_per_reflected_step_and_changes_the_result(fn
 
 def test_twins_reject_bad_w2sd_options_by_name():
     with pytest.raises(ValueError, match='strength'):
-        twins.sample_w2sd_dpm_fast(gmm, X, 0.03, 14.6, 9, weak=weak, strength=float('nan'))
+        sampling.sample_w2sd_dpm_fast(gmm, X, 0.03, 14.6, 9, weak=weak, strength=float('nan'))
     with pytest.raises(TypeError, match='weak denoiser'):
-        twins.sample_w2sd_ipndm(gmm, X, KARRAS)
+        sampling.sample_w2sd_ipndm(gmm, X, KARRAS)
 
 
 # --- the hosts' sampler lists ---------------------------------------------------------------------------------

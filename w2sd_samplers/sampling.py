@@ -7,14 +7,15 @@ identity on unreflected steps), then takes ``sample_X``'s own step; with reflect
 the active k-diffusion copy (``_kdiff``), so host seeds are kept; reflections draw no noise.
 """
 import functools
+import importlib
 import inspect
 import warnings
 
 import torch
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from . import _kdiff
-from .reflect import Reflection
+from .reflect import Reflection, check_sigmas
 
 OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.values()
                      if p.kind is p.KEYWORD_ONLY)
@@ -63,6 +64,16 @@ def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise):
     return x, sigma_hat
 
 
+def _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin, s_tmax, s_noise):
+    """The start of a churned step (Euler, Heun, DPM2, HeunPP2): churn, one model call, the callback; returns
+    ``(x, sigma_hat, d)``."""
+    x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
+    denoised = model(x, sigma_hat * s_in, **extra_args)
+    if callback is not None:
+        callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+    return x, sigma_hat, _kdiff.sampling().to_d(x, sigma_hat, denoised)
+
+
 def _brownian_default(x, sigmas, noise_sampler):
     if noise_sampler is not None:
         return noise_sampler
@@ -84,15 +95,11 @@ def _brownian_default(x, sigmas, noise_sampler):
 def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
     """Euler steps (Karras et al. 2022, Algorithm 2) with W2SD reflections."""
-    K = _kdiff.sampling()
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -127,11 +134,8 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         dt = sigmas[i + 1] - sigma_hat
         if sigmas[i + 1] == 0:
             x = x + d * dt
@@ -151,11 +155,8 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)
         else:
@@ -372,6 +373,213 @@ def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
+                         s_noise=1., noise_sampler=None, **w2sd):
+    """DPM-Solver-Fast (fixed steps, uniform in log sigma) with a reflection before each of its steps.
+
+    ``n`` counts model calls, as in k-diffusion; the schedule is ``floor(n / 3) + 1`` steps from sigma_max to
+    sigma_min (> 0), so the last step does not end at 0 and ``lam`` counts those steps.
+    """
+    K = _kdiff.sampling()
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError('sigma_min and sigma_max must not be 0')
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    with tqdm(total=n, disable=disable) as pbar:
+        solver = K.DPMSolver(None, eps_callback=pbar.update)  # the model comes with the reflection below
+        t_start, t_end = solver.t(torch.tensor(sigma_max)), solver.t(torch.tensor(sigma_min))
+        m = n // 3 + 1
+        ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+        orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+        solver.model, solver.extra_args, refl, _ = _setup(model, x, solver.sigma(ts), extra_args, w2sd)
+        steps = {1: solver.dpm_solver_1_step, 2: solver.dpm_solver_2_step, 3: solver.dpm_solver_3_step}
+        for i, order in enumerate(orders):
+            x = refl(x, i)
+            t, t_next = ts[i], ts[i + 1]
+            if eta:
+                sd, su = K.get_ancestral_step(solver.sigma(t), solver.sigma(t_next), eta)
+                t_next_ = torch.minimum(t_end, solver.t(sd))
+                su = (solver.sigma(t_next) ** 2 - solver.sigma(t_next_) ** 2) ** 0.5
+            else:
+                t_next_, su = t_next, 0.
+            eps, eps_cache = solver.eps({}, 'eps', x, t)
+            if callback is not None:
+                callback({'x': x, 'i': i, 't': t, 't_up': t, 'denoised': x - solver.sigma(t) * eps,
+                          'sigma': solver.sigma(t), 'sigma_hat': solver.sigma(t)})
+            x, _ = steps[order](x, t, t_next_, eps_cache=eps_cache)
+            x = x + su * s_noise * noise_sampler(solver.sigma(t), solver.sigma(t_next))
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                        s_tmax=float('inf'), s_noise=1., **w2sd):
+    """HeunPP2 (ComfyUI's and Forge's: Heun, then a third-order rule using sigma_{i+2}) with W2SD reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    s_end = sigmas[-1]
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        x, sigma_hat, d = _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn, s_tmin,
+                                              s_tmax, s_noise)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = K.to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+        if sigmas[i + 2] == s_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+            continue
+        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+        d_3 = K.to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
+        w = 3 * sigmas[0]
+        w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
+        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+def _ipndm_step(order, i, sigmas, x, d, b):
+    """IPNDM's fixed-step Adams-Bashforth step from the derivative ``d`` and the history ``b`` (newest last), in the
+    hosts' operation order, so that off is bit for bit."""
+    h = sigmas[i + 1] - sigmas[i]
+    if order == 1:
+        return x + h * d
+    if order == 2:
+        return x + h * (3 * d - b[-1]) / 2
+    if order == 3:
+        return x + h * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
+    return x + h * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
+
+
+def _ipndm_v_step(order, i, sigmas, x, d, b):
+    """IPNDM_V's variable-step step (zju-pi diff-solvers, as ComfyUI and Forge ship it)."""
+    h_n = sigmas[i + 1] - sigmas[i]
+    if order == 1:
+        return x + h_n * d
+    h_n_1 = sigmas[i] - sigmas[i - 1]
+    if order == 2:
+        return x + h_n * ((2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1])
+    h_n_2 = sigmas[i - 1] - sigmas[i - 2]
+    temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+    if order == 3:
+        return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
+                          + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
+    h_n_3 = sigmas[i - 2] - sigmas[i - 3]
+    weight = (1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))
+    temp2 = weight * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+    r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+    return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
+                      + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
+                      + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
+                      + -temp2 * r * h_n_1 / h_n_2 * b[-3])
+
+
+def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd, denoise_to_zero=False):
+    """The loop of IPNDM, IPNDM_V and DEIS: ``x = step(order, i, sigmas, x, d, history)``, with the derivative
+    history carried across reflections, as in ``sample_w2sd_lms``. ``denoise_to_zero``: a step into sigma 0 returns
+    the denoised estimate (ComfyUI's IPNDM*) instead of stepping there (Forge's)."""
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    buffer = []  # previous derivatives, newest last
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        d = (x - denoised) / sigmas[i]
+        x = denoised if denoise_to_zero and sigmas[i + 1] == 0 else step(min(max_order, i + 1), i, sigmas, x, d,
+                                                                              buffer)
+        buffer = (buffer + [d])[-(max_order - 1):]
+    return x
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
+                      denoise_to_zero=True, **w2sd):
+    """IPNDM (fixed-step Adams-Bashforth on the derivative, up to 4th order) with W2SD reflections.
+
+    ``denoise_to_zero=True`` ends a schedule at sigma 0 with the denoised estimate, as ComfyUI does; ``False``
+    takes the Adams-Bashforth step into 0, as Forge does.
+    """
+    return _multistep(_ipndm_step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd,
+                      denoise_to_zero)
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
+                        denoise_to_zero=True, **w2sd):
+    """IPNDM_V (variable-step Adams-Bashforth, up to 4th order) with W2SD reflections; ``denoise_to_zero`` as in
+    ``sample_w2sd_ipndm``."""
+    return _multistep(_ipndm_v_step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd,
+                      denoise_to_zero)
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab',
+                     **w2sd):
+    """DEIS (exponential-integrator multistep; coefficients from the active copy's ``deis`` module, which ComfyUI's
+    and Forge's have and PyPI k-diffusion has not) with W2SD reflections; the derivative history carries across
+    reflections."""
+    check_sigmas(sigmas)  # before the host's coefficient code sees them
+    K = _kdiff.sampling()
+    try:
+        deis = importlib.import_module(K.__name__.rpartition('.')[0] + '.deis')
+    except ImportError as e:
+        raise ImportError(f'sample_w2sd_deis needs a k-diffusion copy with a deis module (ComfyUI\'s or Forge\'s); '
+                          f'{K.__name__} has none: use another sampler') from e
+    coeff_list = deis.get_deis_coeff_list(sigmas, max_order, deis_mode=deis_mode)
+
+    def step(order, i, sigmas, x, d, b):
+        if order == 1 or sigmas[i + 1] <= 0:
+            return x + (sigmas[i + 1] - sigmas[i]) * d
+        x = x + coeff_list[i][0] * d
+        for c, b_j in zip(coeff_list[i][1:], reversed(b)):
+            x = x + c * b_j
+        return x
+    return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
+
+
+@_w2sd_signature
+@torch.no_grad()
+def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                              noise_sampler=None, eta=0., **w2sd):
+    """ComfyUI's res_multistep (the second-order RES multistep of arXiv 2308.02157; ``eta > 0``: its ancestral form)
+    with W2SD reflections; the previous denoised estimate and sigma_down carry across reflections."""
+    K = _kdiff.sampling()
+    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
+    old_sigma_down, old_denoised = None, None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        x = refl(x, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
+        if sigma_down == 0 or old_denoised is None:
+            x = x + K.to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = (_t_fn(sigmas[i]), _t_fn(old_sigma_down), _t_fn(sigma_down),
+                                        _t_fn(sigmas[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = _sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigma_up > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
 def with_reflection(sampler):
     """W2SD version of a single-step k-diffusion-style sampler.
 
@@ -398,4 +606,7 @@ def _renumber(callback, i, d):
     callback({**d, 'i': i})
 
 
-SAMPLERS = {name[len('sample_w2sd_'):]: fn for name, fn in globals().items() if name.startswith('sample_w2sd_')}
+# The samplers that run on a sigma schedule with any k-diffusion copy: dpm_fast takes (sigma_min, sigma_max, n),
+# and deis needs a host's deis module.
+SAMPLERS = {name[len('sample_w2sd_'):]: fn for name, fn in globals().items()
+            if name.startswith('sample_w2sd_') and name not in {'sample_w2sd_dpm_fast', 'sample_w2sd_deis'}}

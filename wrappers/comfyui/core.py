@@ -13,7 +13,8 @@ import inspect
 import sys
 
 from w2sd_samplers import _kdiff
-from w2sd_samplers.sampling import SAMPLERS, with_reflection
+from w2sd_samplers import sampling
+from w2sd_samplers.sampling import with_reflection
 
 ROLE_KEY = 'w2sd_role'
 ROLES = ('main', 'strong', 'weak')
@@ -38,23 +39,30 @@ TWINS = {
     'dpmpp_2m_sde_heun_gpu': ('dpmpp_2m_sde', {'solver_type': 'heun'}),
     'dpmpp_3m_sde': ('dpmpp_3m_sde', {}),
     'dpmpp_3m_sde_gpu': ('dpmpp_3m_sde', {}),
+    'heunpp2': ('heunpp2', {}),  # reads sigmas[i + 2] and the schedule's ends: a twin, not a step at a time
+    'ipndm': ('ipndm', {}),
+    'ipndm_v': ('ipndm_v', {}),
+    'deis': ('deis', {}),
+    'res_multistep': ('res_multistep', {}),
+    'res_multistep_ancestral': ('res_multistep', {'eta': 1.}),
 }
+# Twins written in ComfyUI's operation order: off is ComfyUI's sampler bit for bit (the others differ by rounding).
+BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_ancestral')
 _HISTORY = 'multistep: its history must carry across reflections and the library has no W2SD twin of it yet'
 REFUSED = {
-    'heunpp2': 'each step reads sigmas[i + 2] and the first and last sigma of the whole schedule',
     'dpm_fast': 'it makes its own schedule from sigma_min and sigma_max',
     'dpm_adaptive': 'it chooses its own step sizes',
     **{name: _HISTORY for name in (
-        'dpmpp_2m_cfg_pp', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_cfg_pp',
-        'res_multistep_ancestral', 'res_multistep_ancestral_cfg_pp', 'gradient_estimation',
+        'dpmpp_2m_cfg_pp', 'res_multistep_cfg_pp', 'res_multistep_ancestral_cfg_pp', 'gradient_estimation',
         'gradient_estimation_cfg_pp', 'er_sde', 'sa_solver', 'sa_solver_pece', 'uni_pc', 'uni_pc_bh2')},
 }
 # In the order of ComfyUI's own sampler list.
 SAMPLER_NAMES = [
-    'euler', 'euler_cfg_pp', 'euler_ancestral', 'euler_ancestral_cfg_pp', 'heun', 'exp_heun_2_x0',
+    'euler', 'euler_cfg_pp', 'euler_ancestral', 'euler_ancestral_cfg_pp', 'heun', 'heunpp2', 'exp_heun_2_x0',
     'exp_heun_2_x0_sde', 'dpm_2', 'dpm_2_ancestral', 'lms', 'dpmpp_2s_ancestral', 'dpmpp_2s_ancestral_cfg_pp',
     'dpmpp_sde', 'dpmpp_sde_gpu', 'dpmpp_2m', 'dpmpp_2m_sde', 'dpmpp_2m_sde_gpu', 'dpmpp_2m_sde_heun',
-    'dpmpp_2m_sde_heun_gpu', 'dpmpp_3m_sde', 'dpmpp_3m_sde_gpu', 'ddpm', 'lcm', 'seeds_2', 'seeds_3', 'ddim']
+    'dpmpp_2m_sde_heun_gpu', 'dpmpp_3m_sde', 'dpmpp_3m_sde_gpu', 'ddpm', 'lcm', 'ipndm', 'ipndm_v', 'deis',
+    'res_multistep', 'res_multistep_ancestral', 'seeds_2', 'seeds_3', 'ddim']
 # Random inpaint noise, as ComfyUI's sampler_object gives its ddim.
 INPAINT_OPTIONS = {'ddim': {'random': True}}
 # ComfyUI builds a Brownian tree over the whole schedule for these (on the CPU unless _gpu).
@@ -206,8 +214,11 @@ def sample(name, model, x, sigmas, extra_args=None, callback=None, disable=None,
     extra_args = {} if extra_args is None else extra_args
     if name in TWINS:
         twin, twin_options = TWINS[name]
-        fn = SAMPLERS[twin]
+        fn = getattr(sampling, 'sample_w2sd_' + twin)
         options.update(twin_options)
+        if twin == 'res_multistep':  # ComfyUI (v0.33) scales its noise by the model's noise_scale
+            model_sampling = model.inner_model.model_patcher.get_model_object('model_sampling')
+            options['s_noise'] = options.get('s_noise', 1.) * getattr(model_sampling, 'noise_scale', 1.0)
     else:
         host = getattr(_kdiff.sampling(), 'sample_' + HOST_STEPS[name])
         fn = with_reflection(host_step(host, model))

@@ -1,58 +1,21 @@
 """W2SD twins of the webui samplers that are not k-diffusion's classic eleven.
 
-Each mirrors the host's function line for line, with ``x = refl(x, i)`` before step i of its schedule; with
-reflection off it is the host's sampler bit for bit. Read at A1111 v1.10.1 (``modules/sd_samplers_extra.py``,
-k-diffusion ab527a9) and Forge dfdcbab (``k_diffusion/sampling.py``: HeunPP2, IPNDM, IPNDM_V, DEIS).
+DPM fast, HeunPP2, IPNDM, IPNDM_V and DEIS are the library's (``w2sd_samplers.sampling``); A1111's Restart plan
+is A1111's own, so its twin lives here. Each mirrors the host's function line for line, with ``x = refl(x, i)``
+before step i of its schedule; with reflection off it is the host's sampler bit for bit. Read at A1111 v1.10.1
+(``modules/sd_samplers_extra.py``, k-diffusion ab527a9) and Forge dfdcbab (``k_diffusion/sampling.py``).
 Steps, helpers and noise come from the active k-diffusion copy (the host's).
 """
-import importlib
+import functools
 
 import torch
-from tqdm.auto import tqdm, trange
+from tqdm.auto import tqdm
 
 from w2sd_samplers import _kdiff
 from w2sd_samplers.guidance import _heun_step
 from w2sd_samplers.reflect import check_sigmas
-from w2sd_samplers.sampling import _churn, _setup, _w2sd_signature
-
-
-@_w2sd_signature
-@torch.no_grad()
-def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
-                         s_noise=1., noise_sampler=None, **w2sd):
-    """DPM-Solver-Fast (fixed steps, uniform in log sigma) with a reflection before each of its steps.
-
-    ``n`` counts model calls, as in k-diffusion; the schedule is ``floor(n / 3) + 1`` steps from sigma_max to
-    sigma_min (> 0), so the last step does not end at 0 and ``lam`` counts those steps.
-    """
-    K = _kdiff.sampling()
-    if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError('sigma_min and sigma_max must not be 0')
-    noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    with tqdm(total=n, disable=disable) as pbar:
-        solver = K.DPMSolver(None, eps_callback=pbar.update)  # the model comes with the reflection below
-        t_start, t_end = solver.t(torch.tensor(sigma_max)), solver.t(torch.tensor(sigma_min))
-        m = n // 3 + 1
-        ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
-        orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
-        solver.model, solver.extra_args, refl, _ = _setup(model, x, solver.sigma(ts), extra_args, w2sd)
-        steps = {1: solver.dpm_solver_1_step, 2: solver.dpm_solver_2_step, 3: solver.dpm_solver_3_step}
-        for i, order in enumerate(orders):
-            x = refl(x, i)
-            t, t_next = ts[i], ts[i + 1]
-            if eta:
-                sd, su = K.get_ancestral_step(solver.sigma(t), solver.sigma(t_next), eta)
-                t_next_ = torch.minimum(t_end, solver.t(sd))
-                su = (solver.sigma(t_next) ** 2 - solver.sigma(t_next_) ** 2) ** 0.5
-            else:
-                t_next_, su = t_next, 0.
-            eps, eps_cache = solver.eps({}, 'eps', x, t)
-            if callback is not None:
-                callback({'x': x, 'i': i, 't': t, 't_up': t, 'denoised': x - solver.sigma(t) * eps,
-                          'sigma': solver.sigma(t), 'sigma_hat': solver.sigma(t)})
-            x, _ = steps[order](x, t, t_next_, eps_cache=eps_cache)
-            x = x + su * s_noise * noise_sampler(solver.sigma(t), solver.sigma(t_next))
-    return x
+from w2sd_samplers.sampling import (SAMPLERS, _setup, _w2sd_signature, sample_w2sd_deis,
+                                    sample_w2sd_dpm_fast)
 
 
 def restart_schedule(sigmas, restart_list=None):
@@ -109,130 +72,18 @@ def sample_w2sd_restart(model, x, sigmas, extra_args=None, callback=None, disabl
     return x
 
 
-@_w2sd_signature
-@torch.no_grad()
-def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                        s_tmax=float('inf'), s_noise=1., **w2sd):
-    """Forge's HeunPP2 (Heun, then a third-order rule using sigma_{i+2}) with W2SD reflections."""
-    K = _kdiff.sampling()
-    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
-    s_end = sigmas[-1]
-    for i in trange(len(sigmas) - 1, disable=disable):
-        x = refl(x, i)
-        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = K.to_d(x, sigma_hat, denoised)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == s_end:
-            x = x + d * dt
-            continue
-        x_2 = x + d * dt
-        d_2 = K.to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
-        if sigmas[i + 2] == s_end:
-            w2 = sigmas[i + 1] / (2 * sigmas[0])
-            x = x + (d * (1 - w2) + d_2 * w2) * dt
-            continue
-        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
-        d_3 = K.to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
-        w = 3 * sigmas[0]
-        w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
-        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
-    return x
-
-
-def _ipndm_step(order, i, sigmas, x, d, b):
-    """IPNDM's fixed-step Adams-Bashforth step from the derivative ``d`` and the history ``b`` (newest last), in the
-    host's operation order, so that off is bit for bit."""
-    h = sigmas[i + 1] - sigmas[i]
-    if order == 1:
-        return x + h * d
-    if order == 2:
-        return x + h * (3 * d - b[-1]) / 2
-    if order == 3:
-        return x + h * (23 * d - 16 * b[-1] + 5 * b[-2]) / 12
-    return x + h * (55 * d - 59 * b[-1] + 37 * b[-2] - 9 * b[-3]) / 24
-
-
-def _ipndm_v_step(order, i, sigmas, x, d, b):
-    """IPNDM_V's variable-step step (zju-pi diff-solvers, as Forge ships it)."""
-    h_n = sigmas[i + 1] - sigmas[i]
-    if order == 1:
-        return x + h_n * d
-    h_n_1 = sigmas[i] - sigmas[i - 1]
-    if order == 2:
-        return x + h_n * ((2 + (h_n / h_n_1)) / 2 * d + -(h_n / h_n_1) / 2 * b[-1])
-    h_n_2 = sigmas[i - 1] - sigmas[i - 2]
-    temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
-    if order == 3:
-        return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp) * d
-                          + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp) * b[-1] + temp * h_n_1 / h_n_2 * b[-2])
-    h_n_3 = sigmas[i - 2] - sigmas[i - 3]
-    weight = (1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))
-    temp2 = weight * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
-    r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
-    return x + h_n * (((2 + (h_n / h_n_1)) / 2 + temp + temp2) * d
-                      + (-(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp - (1 + (h_n_1 / h_n_2) + r) * temp2) * b[-1]
-                      + (temp * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2) * b[-2]
-                      + -temp2 * r * h_n_1 / h_n_2 * b[-3])
-
-
-def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd):
-    """The loop of Forge's IPNDM, IPNDM_V and DEIS: ``x = step(order, i, sigmas, x, d, history)``, with the
-    derivative history carried across reflections, as in ``sample_w2sd_lms``."""
-    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
-    buffer = []  # previous derivatives, newest last
-    for i in trange(len(sigmas) - 1, disable=disable):
-        x = refl(x, i)
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        d = (x - denoised) / sigmas[i]
-        x = step(min(max_order, i + 1), i, sigmas, x, d, buffer)
-        buffer = (buffer + [d])[-(max_order - 1):]
-    return x
-
-
-@_w2sd_signature
-@torch.no_grad()
-def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, **w2sd):
-    """Forge's IPNDM (fixed-step Adams-Bashforth on the derivative, up to 4th order) with W2SD reflections."""
-    return _multistep(_ipndm_step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
-
-
-@_w2sd_signature
-@torch.no_grad()
-def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4, **w2sd):
-    """Forge's IPNDM_V (variable-step Adams-Bashforth, up to 4th order) with W2SD reflections."""
-    return _multistep(_ipndm_v_step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
-
-
-@_w2sd_signature
-@torch.no_grad()
-def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab',
-                     **w2sd):
-    """Forge's DEIS (exponential-integrator multistep, coefficients from the host's ``k_diffusion.deis``) with W2SD
-    reflections; the derivative history carries across reflections."""
-    check_sigmas(sigmas)  # before the host's coefficient code sees them
-    K = _kdiff.sampling()
-    deis = importlib.import_module(K.__name__.rpartition('.')[0] + '.deis')
-    coeff_list = deis.get_deis_coeff_list(sigmas, max_order, deis_mode=deis_mode)
-
-    def step(order, i, sigmas, x, d, b):
-        if order == 1 or sigmas[i + 1] <= 0:
-            return x + (sigmas[i + 1] - sigmas[i]) * d
-        x = x + coeff_list[i][0] * d
-        for c, b_j in zip(coeff_list[i][1:], reversed(b)):
-            x = x + c * b_j
-        return x
-    return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
+def _stepping_into_zero(twin):
+    """Forge's form of IPNDM*: the last step goes into sigma 0 (ComfyUI's returns the denoised estimate there)."""
+    forge = functools.partial(twin, denoise_to_zero=False)
+    forge.__name__ = twin.__name__  # hosts and the registry read it
+    return forge
 
 
 # Host function name -> twin. A1111's Restart is a callable in the host's table, keyed by its __name__.
 TWINS = {'sample_dpm_fast': sample_w2sd_dpm_fast, 'restart_sampler': sample_w2sd_restart,
-         'sample_heunpp2': sample_w2sd_heunpp2, 'sample_ipndm': sample_w2sd_ipndm,
-         'sample_ipndm_v': sample_w2sd_ipndm_v, 'sample_deis': sample_w2sd_deis}
+         'sample_heunpp2': SAMPLERS['heunpp2'], 'sample_deis': sample_w2sd_deis,
+         'sample_ipndm': _stepping_into_zero(SAMPLERS['ipndm']),
+         'sample_ipndm_v': _stepping_into_zero(SAMPLERS['ipndm_v'])}
 
 # Host samplers W2SD cannot wrap, and why (shown in the console at startup and in docs/sd_webui.md).
 REFUSED = {
