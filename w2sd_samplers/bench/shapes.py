@@ -9,8 +9,9 @@ valid image at all (RMS distance to that template below ``VALID_RMS``).
 
 Models: ``k_diffusion.layers.Denoiser`` around a small conv UNet (FiLM on Fourier features of log sigma, run on
 2x2 pixel patches), all trained from the same initial weights and noise sequence, so that two models differ only
-in what the pair is about: the strong model on 35% squares, weak models on 20% squares (aligned with the strong
-model's error), 65% squares (biased the other way), the strong run's early checkpoint, and a smaller network.
+in what the pair is about: the strong model on 35% squares; weak models: the strong one fine-tuned on 20% squares
+(aligned with the strong model's error) or on 65% squares (biased the other way), the strong run's early
+checkpoint, and a smaller network trained like the strong one.
 A small CNN trained on ideal images supplies features for a Frechet distance. Weights are cached as safetensors.
 """
 import torch
@@ -29,8 +30,9 @@ SIDES = (6, 8)
 STRIDE = 4                       # positions on a 4-pixel grid (aligned with the UNet's 2x2 patches)
 IDEAL_SQUARES = 0.5
 VALID_RMS = 0.25                 # per-pixel RMS distance to the nearest template (pixel range 2)
-STRONG = dict(channels=(16, 32), steps=1500, squares=0.35)
+STRONG = dict(channels=(16, 32), steps=1500, squares=0.35, lr=3e-3)
 WEAK_RATIOS = {'aligned': 0.2, 'opposite': 0.65}
+FINE_TUNE = dict(steps=300, lr=1e-3)      # the biased weak models: the strong one fine-tuned on another ratio
 SMALL = dict(channels=(8, 16))
 EARLY_FRACTION = 8               # the early checkpoint: after steps // 8 of the strong run
 
@@ -199,22 +201,25 @@ def models(cache_dir, quick=False):
         return lambda: kd.layers.Denoiser(UNet(channels), sigma_data=0.8)
 
     def config(**kw):
-        return dict(STRONG, steps=steps, **kw, suite='shapes', version=1)
+        return {**STRONG, 'steps': steps, **kw, 'suite': 'shapes', 'version': 1}
 
-    def trained(name, cfg, snapshot=None):
+    def trained(name, cfg, snapshot=None, start=None):
         def train(m):
+            if start is not None:
+                m.load_state_dict(start.state_dict())
             out = digits._train_denoiser(m, training_set(cfg['squares']), cfg['steps'], 1, snapshot_at=snapshot,
-                                         stop_at_snapshot=snapshot is not None, batch=64)
+                                         stop_at_snapshot=snapshot is not None, batch=64, lr=cfg['lr'])
             if snapshot is not None:
                 m.load_state_dict(out)
         return digits._cached(cache_dir, name, cfg, denoiser(cfg['channels']), train, prefix='shapes')
 
-    early_at = steps // EARLY_FRACTION
+    early_at = max(1, steps // EARLY_FRACTION)
     out = {'strong': trained('strong', config()),
            'early': trained('early', config(early=early_at), snapshot=early_at),
            'small': trained('small', config(channels=SMALL['channels']))}
     for name, squares in WEAK_RATIOS.items():
-        out[name] = trained(name, config(squares=squares))
+        tune = dict(steps=FINE_TUNE['steps'] // scale, lr=FINE_TUNE['lr'])
+        out[name] = trained(name, config(squares=squares, fine_tuned=tune, **tune), start=out['strong'])
     classifier = digits._cached(cache_dir, 'classifier', dict(steps=600 // scale, version=1), Classifier,
                                 lambda m: _train_classifier(m, 600 // scale), prefix='shapes')
     return out, classifier
