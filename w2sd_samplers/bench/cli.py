@@ -194,6 +194,11 @@ def _write_quality(suite, runner, results, out, header, head=''):
     return text.replace('\n\n', '\n\n' + head, 1) if head else text
 
 
+def _listed(metric_values):
+    from .report import fmt
+    return ', '.join(f'{k} {fmt(v)}' for k, v in metric_values.items())
+
+
 def _panels(runner, suite, pair, sampler, t, results, n):
     """(label, samples) of strong, weak, each W2SD variant and each baseline family at the paper's NFE."""
     from . import report
@@ -256,8 +261,7 @@ def run_digits(args, out):
     head = (f'Data: scikit-learn `load_digits` (UCI Optical Recognition of Handwritten Digits, Alpaydin & Kaynak '
             f'1998, CC BY 4.0), {digits.N_HELD_OUT} held out: half the reference for the tuning seeds, half for the '
             f'evaluation seeds. Classifier held-out accuracy {digits.classifier_accuracy(classifier):.3f}. Floor '
-            '(real training digits against the evaluation reference): '
-            + ', '.join(f'{k} {report.fmt(v)}' for k, v in floor.items()) + '.\n\n')
+            f'(real training digits against the evaluation reference): {_listed(floor)}.\n\n')
     text = _write_quality(suite, runner, results, out, 'Handwritten digits (small denoisers trained on CPU)', head)
     links = '\n![quality against NFE](digits_quality_vs_nfe.png)\n\n![digit samples](digits_grid.png)\n'
     if runner is None:
@@ -304,8 +308,7 @@ def run_shapes(args, out):
             'in its training data); `valid`, `attr_tv` (colour, side, x, y against the ideal), `class_tv` (square, '
             'plus, invalid against 1/2, 1/2, 0) and `fd` (a small CNN\'s features) in the all-metrics tables. '
             f'Training or loading the models took {trained / 60:.1f} min of this run. '
-            'Floor (ideal images against the ideal): '
-            + ', '.join(f'{k} {report.fmt(v)}' for k, v in floor.items()) + '.\n\n')
+            f'Floor (ideal images against the ideal): {_listed(floor)}.\n\n')
     text = _write_quality(suite, runner, results, out, 'Shapes (conv UNets trained on CPU, known ideal)', head)
     links = '\n![quality against NFE](shapes_quality_vs_nfe.png)\n'
     if runner is None:
