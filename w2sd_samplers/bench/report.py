@@ -99,13 +99,16 @@ def verdict_rows(suite, results):
     tests, rows = Tests(), []
     for p in s.pairs:
         best = [results[p.name][c]['best'] for c in cells]
+        common = [f for f in best[0] if all(f in b for b in best)]    # a family may not fit a small budget
+        best = [{f: b[f] for f in common} for b in best]
         wins = {}
         for b in best:
             winner = min(b, key=lambda f: statistics.fmean(b[f].values))
             wins[winner] = wins.get(winner, 0) + 1
-        ratio = {f: statistics.median([_ratio(b[f], b['strong']) if _ratio(b[f], b['strong']) == _ratio(b[f], b['strong'])
-                                       else float('inf') for b in best]) for f in best[0]}
-        use = max(best[0], key=lambda f: (wins.get(f, 0), -ratio[f]))
+        # ranking by ratio; an undefined ratio (strong's energy at the noise floor) ranks last
+        ratio = {f: statistics.median([r if (r := _ratio(b[f], b['strong'])) == r else float('inf') for b in best])
+                 for f in common}
+        use = max(common, key=lambda f: (wins.get(f, 0), -ratio[f]))
         others = [min((f for f in b if f != use), key=lambda f: statistics.fmean(b[f].values)) for b in best]
         rows.append(dict(pair=p, use=use, wins=wins.get(use, 0), n=len(cells), best=best, others=others,
                          vs_strong=[tests.add(b[use], b['strong']) for b in best if use != 'strong'],
@@ -113,8 +116,8 @@ def verdict_rows(suite, results):
                          w2sd=[tests.add(b['w2sd'], b['strong']) for b in best]))
     head = (s.samplers[0], s.steps[0])
     out = [f'| pair | kind | use | cells won | ×strong alone (median) | better / worse than strong alone | '
-           f'next best (most cells) | ×next best (median) | better / worse than next best | '
-           f'W2SD ×strong alone (median) | W2SD better / worse than strong alone | '
+           'next best (most cells) | ×next best (median) | better / worse than next best | '
+           'W2SD ×strong alone (median) | W2SD better / worse than strong alone | '
            f'at {head[0]} T={head[1]}: use / strong alone / next best |', '|' + '---|' * 12]
     for r in rows:
         b = r['best'][cells.index(head)]
@@ -197,7 +200,8 @@ def quality_section(suite, results, header):
                     out.append(f'| {sampler} | {t} | {_ci(r["strong"].values)} | {v} | {settings(c["w2sd"])} | '
                                f'{c["w2sd"].nfe} | {_ci(c["w2sd"].values)} | {tests.cell(handles[k + ("T",)])} | '
                                + ' | '.join(fam) + f' | {tests.cell(handles[k + ("self",)])} |')
-        out += ['', f'Every family at the paper setting\'s NFE (the verdict\'s runs): mean ± interval, NFE, tuned settings.',
+        out += ['', 'Every family at the paper setting\'s NFE (the verdict\'s runs): mean ± interval, NFE, tuned '
+                'settings.',
                 '', '| sampler | T | budget | ' + ' | '.join(NAMES[f] for f in ('w2sd',) + s.families) + ' |',
                 '|' + '---|' * (len(s.families) + 4)]
         for sampler in s.samplers:

@@ -99,7 +99,8 @@ def attribute_stats(images):
     idx, valid = read_off(images)
     n = len(images)
     cls = ATTRS[0][idx]
-    freq = torch.stack([((cls == c) & valid).double().sum() / n for c in range(len(CLASSES))] + [1 - valid.double().mean()])
+    freq = torch.stack([((cls == c) & valid).double().sum() / n for c in range(len(CLASSES))]
+                       + [1 - valid.double().mean()])
     out = {'class_tv': _tv(freq, torch.tensor([IDEAL_SQUARES, 1 - IDEAL_SQUARES, 0.], dtype=torch.float64)),
            'valid': float(valid.double().mean())}
     ideal = template_probs(IDEAL_SQUARES)
