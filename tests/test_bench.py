@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from w2sd_samplers import toy
-from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, stats
+from w2sd_samplers import cli as main_cli, guidance
+from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, shapes, stats
 
 
 def test_seed_split_is_disjoint():
@@ -18,6 +19,12 @@ def test_seed_split_is_disjoint():
 def test_mean_ci_matches_the_t_table():
     mean, half = stats.mean_ci([1., 2., 3.])
     assert mean == 2. and half == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)   # t_{0.975, 2} = 4.3027
+
+
+def test_holm_adjusts_by_rank_and_stays_monotone():
+    # by hand from Holm (1979): sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1, then a running maximum
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == [1., 1.]      # 0.9 * 1 < 0.5 * 2: the running maximum carries 1
 
 
 def test_paired_p_sees_a_consistent_shift_and_not_noise():
@@ -86,19 +93,27 @@ def test_gmm_cases_have_the_stated_geometry():
 
 def _tiny_suite(pairs, samplers=('euler',), steps=(6,)):
     return harness.Suite('t', pairs, gmm.metric, 'energy', samplers, steps, [0], [1, 2], 48, 64,
-                         [(0.5, 1.), (1., 0.5)], ag_ws=(1., 2.))
+                         [(0.5, 1.), (1., 0.5)], ag_ws=(0.05, 1.), ag_windows=((0.28, 5.42), (1., 80.)),
+                         resampling_fracs=(0.5, 1.), restarts=(dict(lo=1., hi=5., k=1),), ladder=(4, 6, 8, 12))
 
 
 def test_nfe_is_counted_per_method():
     pair = gmm.cases()[0]
     run = harness.Runner(_tiny_suite([pair]))
     T, lam = 10, 9
+    sigmas = run.sigmas(T)
     for sampler in ('euler', 'dpmpp_2m', 'euler_ancestral'):
         w2sd = dict(lam_frac=1., strength=1., form='paper', weak_sigma='next')
         assert run.sample(pair, sampler, 'w2sd', T, w2sd, 0, 8)[1] == T + 2 * lam
         assert run.sample(pair, sampler, 'self-reflection', T, dict(w2sd, lam_frac=0.5), 0, 8)[1] == T + 2 * 4
         assert run.sample(pair, sampler, 'autoguidance', T, {'w': 1.}, 0, 8)[1] == 2 * T
+        inside = int(((sigmas[:-1] >= 1.) & (sigmas[:-1] <= 5.)).sum())
+        assert 0 < inside < T
+        assert run.sample(pair, sampler, 'autoguidance', T, {'w': 1., 'window': (1., 5.)}, 0, 8)[1] == T + inside
         assert run.sample(pair, sampler, 'strong', T, {}, 0, 8)[1] == T
+    assert run.sample(pair, 'euler', 're-sampling', T, {'lam_frac': 0.5}, 0, 8)[1] == T + 4
+    # Restart: Heun main steps (2 calls, 1 into sigma = 0) plus k restarts of 3 Heun steps each
+    assert run.sample(pair, 'euler', 'restart', T, dict(lo=1., hi=5., k=2), 0, 8)[1] == 2 * T - 1 + 2 * 2 * 3
 
 
 def test_w2sd_at_strength_zero_is_strong_and_runs_are_paired():
@@ -112,23 +127,32 @@ def test_w2sd_at_strength_zero_is_strong_and_runs_are_paired():
         assert not torch.equal(strong, other_seed)
 
 
-def test_compare_tunes_on_tune_seeds_and_matches_nfe():
+def test_compare_tunes_on_tune_seeds_and_keeps_baselines_within_the_nfe():
     pair = gmm.cases()[0]
     suite = _tiny_suite([pair])
     run = harness.Runner(suite)
-    out = run.compare(pair, 'euler', 6)
-    assert out['strong'].nfe == 6 and len(out['strong'].values) == 2
+    T = 6
+    out = run.compare(pair, 'euler', T)
+    assert out['strong'].nfe == T and len(out['strong'].values) == 2
     assert out['variants']['paper']['w2sd'].params['lam_frac'] == 1.
+    assert out['budget'] == 3 * T - 2 and max(r.nfe for r in out['best'].values()) <= out['budget']
     for name, c in out['variants'].items():
         w2sd = c['w2sd']
         if name != 'paper':
             assert (w2sd.params['lam_frac'], w2sd.params['strength']) in suite.grid
-            best = min(suite.grid, key=lambda g: run.tune_score(pair, 'euler', 'w2sd', 6,
+            best = min(suite.grid, key=lambda g: run.tune_score(pair, 'euler', 'w2sd', T,
                                                                 dict(w2sd.params, lam_frac=g[0], strength=g[1])))
             assert (w2sd.params['lam_frac'], w2sd.params['strength']) == best
         assert c['self'].params == w2sd.params and c['self'].nfe == w2sd.nfe
-        assert c['strong_nfe'].steps == w2sd.nfe == c['strong_nfe'].nfe
-        assert c['ag'].steps == w2sd.nfe // 2 and c['ag'].params['w'] in suite.ag_ws
+        assert set(c['baselines']) == set(harness.FAMILIES) - ({'restart'} if w2sd.nfe < 15 else set())
+        for family, b in c['baselines'].items():
+            assert b.nfe <= w2sd.nfe
+        # strong alone: the step count with the best tuning score among all that fit, T and the budget included
+        fits = sorted({n for n in (*suite.ladder, T, w2sd.nfe) if n <= w2sd.nfe})
+        assert c['baselines']['strong'].steps == min(fits, key=lambda n: run.tune_score(pair, 'euler', 'strong', n, {}))
+        ag, agi = c['baselines']['ag'], c['baselines']['ag_interval']
+        assert ag.params['w'] in suite.ag_ws and 'window' not in ag.params
+        assert agi.params['w'] in suite.ag_ws and tuple(agi.params['window']) in suite.ag_windows
     # only tuning-seed runs are scored at n_tune; evaluation uses the disjoint seeds
     tuned_seeds = {k[5] for k in run._cache if k[6] == suite.n_tune}
     eval_seeds = {k[5] for k in run._cache if k[6] == suite.n_eval}
@@ -156,20 +180,107 @@ def test_digits_data_and_cached_models(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(early.state_dict().values(), replayed.state_dict().values()))
     out = strong(xh[:4], torch.full([4], 0.5))
     assert out.shape == (4, 64) and torch.isfinite(out).all()
+    # tuning and evaluation seeds are scored against disjoint halves of the held-out digits
+    metric = digits.DigitsMetric(first[3], tune_seeds=[0])
+    (tune_feats, _), (eval_feats, _) = metric.refs[True], metric.refs[False]
+    assert len(tune_feats) == len(eval_feats) == 300
+    assert torch.cdist(tune_feats, eval_feats).min() > 0
+    assert metric(None, xh[:300], 0)['fd'] == pytest.approx(0, abs=1e-4)
+    assert metric(None, xh[:300], 5)['fd'] > 0.01
 
 
-def test_bench_cli_quick_gmm_writes_results(tmp_path):
+def test_shapes_read_off_is_exact():
+    assert float(shapes.template_probs(0.5).sum()) == pytest.approx(1.)
+    idx, valid = shapes.read_off(shapes.TEMPLATES)
+    assert torch.equal(idx, torch.arange(len(shapes.TEMPLATES))) and valid.all()
+    # a green plus of side 8 at (x, y) = (4, 8), drawn by hand: bars of thickness 2 through its centre
+    img = -torch.ones(3, 16, 16)
+    img[1, 8:16, 7:9] = img[1, 11:13, 4:12] = 1.
+    img[[0, 2], 8:16, 7:9] = img[[0, 2], 11:13, 4:12] = -1.
+    i, ok = shapes.read_off(img[None])
+    assert ok.item() and shapes.ATTRS[:, i.item()].tolist() == [1, 1, 8, 4, 8]
+    stats_ = shapes.attribute_stats(torch.stack([img, -torch.ones(3, 16, 16)]))
+    assert stats_['valid'] == 0.5 and stats_['class_tv'] == pytest.approx(0.5 * (0.5 + 0. + 0.5))
+    # many exact draws at 35% squares: the read-off finds the ratio within binomial noise (sd 0.005)
+    x, _ = shapes.sample(8000, 0.35, torch.Generator().manual_seed(0))
+    s = shapes.attribute_stats(x)
+    assert s['valid'] == 1. and abs(s['ratio_err'] - 0.15) < 0.02 and s['attr_tv'] < 0.05
+
+
+def _tiny_shapes(monkeypatch):
+    monkeypatch.setattr(shapes, 'STRONG', dict(shapes.STRONG, channels=(8, 8), steps=40))
+    monkeypatch.setattr(shapes, 'SMALL', dict(channels=(4, 4)))
+
+
+def test_shapes_models_are_cached_and_differ_only_as_stated(tmp_path, monkeypatch):
+    _tiny_shapes(monkeypatch)
+    first, clf = shapes.models(tmp_path, quick=True)
+    assert len(list(tmp_path.glob('shapes-*.safetensors'))) == 6
+    second, _ = shapes.models(tmp_path, quick=True)
+    for name in first:
+        assert all(torch.equal(p, q) for p, q in zip(first[name].state_dict().values(),
+                                                     second[name].state_dict().values()))
+    w = lambda name: first[name].inner_model.proj_in.weight
+    assert not torch.equal(w('strong'), w('aligned')) and not torch.equal(w('strong'), w('early'))
+    out = first['strong'](torch.zeros(2, 3, 16, 16), torch.full([2], 0.5))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def _bench(*argv):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(['bench', 'gmm', '--quick', '--out', str(tmp_path), '--no-progress'])
-    assert args.func(args) == 0
+    args = parser.parse_args(['bench', *argv])
+    return args.func(args)
+
+
+def test_bench_cli_quick_gmm_writes_results(tmp_path, capsys):
+    assert _bench('gmm', '--quick', '--out', str(tmp_path), '--no-progress') == 0
+    assert str(tmp_path.resolve()) in capsys.readouterr().out
     text = (tmp_path / 'RESULTS.md').read_text()
-    assert '## Gaussian mixtures' in text and '2d-missing' in text and 'Quick mode' in text
+    assert text.index('## Verdict') < text.index('## Gaussian mixtures')
+    assert '2d-missing' in text and 'Quick mode' in text and 'Holm' in text
     for png in ('gmm_quality_vs_nfe.png', 'gmm_points_2d_missing.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
     # the tables re-rendered from the saved per-seed JSON are the same
-    args = parser.parse_args(['bench', 'gmm', '--quick', '--out', str(tmp_path), '--from-json'])
-    assert args.func(args) == 0 and (tmp_path / 'RESULTS.md').read_text() == text
+    assert _bench('gmm', '--quick', '--out', str(tmp_path), '--from-json') == 0
+    assert (tmp_path / 'RESULTS.md').read_text() == text
+
+
+def test_bench_cli_quick_shapes_writes_a_grid(tmp_path, monkeypatch):
+    _tiny_shapes(monkeypatch)
+    assert _bench('shapes', '--quick', '--out', str(tmp_path), '--no-progress') == 0
+    text = (tmp_path / 'RESULTS.md').read_text()
+    assert '## Shapes' in text and 'shapes-aligned' in text
+    assert (tmp_path / 'shapes_grid_shapes-aligned.png').read_bytes()[:4] == b'\x89PNG'
+    assert list((tmp_path / 'cache').glob('shapes-strong-*.safetensors'))
+
+
+def _cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main_cli.main(['bench', *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_bench_cli_errors_before_any_suite_runs(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    if not torch.cuda.is_available():
+        assert '--device cuda' in _cli_error(capsys, 'all', '--device', 'cuda', '--out', str(out))
+    assert '--device' in _cli_error(capsys, 'overhead', '--device', 'nonsense', '--out', str(out))
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, 'find_spec', lambda name: None if name == 'scipy' else real(name))
+    assert 'scipy' in _cli_error(capsys, 'gmm', '--out', str(out))
+    monkeypatch.undo()
+    assert not out.exists()
+    # the repository's committed results are overwritten only with --force
+    (tmp_path / 'RESULTS.md').write_text('committed')
+    monkeypatch.setattr(cli, 'COMMITTED', tmp_path.resolve())
+    assert '--force' in _cli_error(capsys, 'gmm', '--quick', '--out', str(tmp_path))
+    assert (tmp_path / 'RESULTS.md').read_text() == 'committed'
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    assert parser.parse_args(['bench']).out == 'w2sd-bench'
 
 
 def test_overhead_counts_unet_passes_and_lora_bytes():

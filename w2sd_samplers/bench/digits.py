@@ -4,7 +4,8 @@ Data: ``data/digits.npz`` is ``sklearn.datasets.load_digits()`` (1797 images, pi
 test set of the UCI "Optical Recognition of Handwritten Digits" data set (E. Alpaydin, C. Kaynak, 1998;
 https://archive.ics.uci.edu/dataset/80, CC BY 4.0), written once with
 ``d = load_digits(); np.savez_compressed(path, images=d.images.astype(np.uint8), target=d.target.astype(np.uint8))``.
-600 images are held out as the reference; the rest train.
+600 images are held out as references: 300 for scoring the tuning seeds, the other 300 for the evaluation seeds
+(so hyperparameters are never chosen on the digits they are reported against); the rest train.
 
 Models: a strong MLP denoiser with Karras et al.'s preconditioning (``k_diffusion.layers.Denoiser``), and two weak
 ones: the strong model's early checkpoint and a small model. A classifier (64-256-64-10) supplies the 64-d
@@ -67,11 +68,11 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _cached(cache_dir, name, config, build, train):
+def _cached(cache_dir, name, config, build, train, prefix='digits'):
     """``build()`` with weights loaded from the cache, or trained by ``train(module)`` and saved."""
     from safetensors.torch import load_file, save_file
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    path = pathlib.Path(cache_dir) / f'digits-{name}-{key}.safetensors'
+    path = pathlib.Path(cache_dir) / f'{prefix}-{name}-{key}.safetensors'
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)          # the initial weights are part of the configuration
         module = build()
@@ -152,29 +153,34 @@ def models(cache_dir, quick=False):
 
 class DigitsMetric:
     """Frechet distance in the classifier's feature space (primary), class-balance TV, precision and recall,
-    against the held-out digits. Samples are clamped to the pixel range first, as an image would be saved."""
+    against the held-out digits: the first half for ``tune_seeds``, the second half for every other seed. Samples
+    are clamped to the pixel range first, as an image would be saved."""
 
-    def __init__(self, classifier):
-        self.classifier = classifier
-        ref, self.ref_labels = load('held_out')
-        self.ref_feats = classifier.features(ref)
+    def __init__(self, classifier, tune_seeds):
+        self.classifier, self.tune_seeds = classifier, set(tune_seeds)
+        ref, labels = load('held_out')
+        half = N_HELD_OUT // 2
+        self.refs = {True: (classifier.features(ref[:half]), labels[:half]),
+                     False: (classifier.features(ref[half:]), labels[half:])}
 
     def __call__(self, pair, samples, seed):
+        ref_feats, ref_labels = self.refs[seed in self.tune_seeds]
         x = samples.reshape(len(samples), -1).clamp(-1, 1).float()
         feats = self.classifier.features(x)
         labels = self.classifier.head(feats).argmax(1)
-        precision, recall = metrics.precision_recall(feats, self.ref_feats)
+        precision, recall = metrics.precision_recall(feats, ref_feats)
         return {
-            'fd': metrics.frechet_distance(feats, self.ref_feats),
-            'class_tv': metrics.class_balance_tv(labels, self.ref_labels, 10),
+            'fd': metrics.frechet_distance(feats, ref_feats),
+            'class_tv': metrics.class_balance_tv(labels, ref_labels, 10),
             'precision': precision,
             'recall': recall,
         }
 
     def floor(self):
-        """The metrics of real training digits (as many as held out): what a perfect model would score."""
+        """The metrics of real training digits (as many as the evaluation reference) against the evaluation
+        reference: what a perfect model would score."""
         x, _ = load('train')
-        return self(None, x[:N_HELD_OUT], 0)
+        return self(None, x[:N_HELD_OUT // 2], -1)
 
 
 def classifier_accuracy(classifier):
@@ -182,9 +188,10 @@ def classifier_accuracy(classifier):
     return float((classifier(x).argmax(1) == y).double().mean())
 
 
-def cases(cache_dir, quick=False):
+def cases(cache_dir, tune_seeds, quick=False):
     strong, early, small, classifier = models(cache_dir, quick)
-    pairs = [Pair('digits-small', strong, small, (64,), note='strong MLP (256x3) vs a small MLP (32x2)'),
-             Pair('digits-early', strong, early, (64,),
+    pairs = [Pair('digits-small', strong, small, (64,), note='strong MLP (256x3) vs a small MLP (32x2)',
+                  kind='quality gap (smaller network)'),
+             Pair('digits-early', strong, early, (64,), kind='quality gap (early checkpoint)',
                   note=f'strong MLP vs its own checkpoint after {EARLY_STEP // (8 if quick else 1)} steps')]
-    return pairs, DigitsMetric(classifier), classifier
+    return pairs, DigitsMetric(classifier, tune_seeds), classifier

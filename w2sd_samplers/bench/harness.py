@@ -1,26 +1,39 @@
-"""Tune on some seeds, report on others, at matched NFE.
+"""Tune on some seeds, report on others, with every baseline at an NFE no larger than the method's.
 
-For one pair, sampler and step count T the harness evaluates, on the evaluation seeds:
-strong, weak and (when known) ideal at T steps; each W2SD variant with its (lambda, strength) tuned on the tuning
-seeds; the self-reflection control (the same settings with weak := strong); strong alone at the W2SD run's NFE;
-autoguidance with its weight tuned at NFE // 2 steps (2 calls per step). All runs of a seed share the initial noise
-and the reference samples, so comparisons are paired.
+For one pair, sampler and step count T the harness evaluates, on the evaluation seeds: strong, weak and (when
+known) ideal at T steps; each W2SD variant with its (lambda, strength) tuned on the tuning seeds, and the
+self-reflection control (the same settings with weak := strong). Each W2SD run's NFE is a budget for the
+baseline families, each tuned on the tuning seeds over its candidates whose NFE fits the budget:
+
+- ``strong``: strong alone at the best step count (the ladder, T and the budget itself);
+- ``ag``: autoguidance ``D_s + w (D_s - D_w)`` on every step, w and the step count tuned;
+- ``ag_interval``: the same with the difference only on a sigma window, w and the window tuned;
+- ``re-sampling`` (Euler-based) and ``restart`` (Heun-based), their settings tuned.
+
+``best`` holds every family, and W2SD over all variants, tuned at the paper setting's NFE (3T - 2): the verdict.
+All runs of a seed share the initial noise and the reference samples, so comparisons are paired.
 """
 import dataclasses
 
 import k_diffusion.sampling as K
 import torch
 
+from .. import guidance
 from ..nfe import CallCounter
-from .methods import AUTOGUIDANCE_WS, METHODS, W2SD_VARIANTS
+from .methods import (AUTOGUIDANCE_WINDOWS, AUTOGUIDANCE_WS, METHODS, OWN_SAMPLER, RESAMPLING_FRACS, RESTARTS,
+                      W2SD_VARIANTS, reflected)
+
+FAMILIES = ('strong', 'ag', 'ag_interval', 're-sampling', 'restart')
+LADDER = (4, 6, 8, 10, 13, 17, 22, 28, 36, 49, 64, 73, 100, 148)
 
 
 @dataclasses.dataclass
 class Suite:
     """What a quality suite varies and measures.
 
-    ``metric(pair, samples, seed) -> dict`` scores samples against reference data drawn for ``seed``; ``primary``
-    names the key compared (lower is better).
+    ``metric(pair, samples, seed) -> dict`` scores samples against reference data for ``seed`` (tuning and
+    evaluation seeds are disjoint, and so must their references be); ``primary`` names the key compared (lower
+    is better).
     """
     name: str
     pairs: list
@@ -34,9 +47,14 @@ class Suite:
     n_eval: int
     grid: list                      # (lam_frac, strength) candidates for the tuned W2SD variants
     ag_ws: tuple = AUTOGUIDANCE_WS
+    ag_windows: tuple = AUTOGUIDANCE_WINDOWS
+    resampling_fracs: tuple = RESAMPLING_FRACS
+    restarts: tuple = RESTARTS
+    ladder: tuple = LADDER
     sigma_min: float = 0.002
     sigma_max: float = 80.
     variants: tuple = tuple(W2SD_VARIANTS)
+    families: tuple = FAMILIES
 
 
 @dataclasses.dataclass
@@ -54,12 +72,15 @@ class Runner:
         self.suite = suite
         self._cache = {}
 
+    def sigmas(self, steps):
+        return K.get_sigmas_karras(steps, self.suite.sigma_min, self.suite.sigma_max)
+
     def sample(self, pair, sampler, method, steps, params, seed, n):
         """Samples and the counted NFE of one run."""
         counter = CallCounter()
         counted = pair.with_denoisers(counter.wrap(pair.strong, 'strong'), counter.wrap(pair.weak, 'weak'),
                                       None if pair.ideal is None else counter.wrap(pair.ideal, 'ideal'))
-        sigmas = K.get_sigmas_karras(steps, self.suite.sigma_min, self.suite.sigma_max)
+        sigmas = self.sigmas(steps)
         x = torch.randn(n, *pair.shape, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1_000_003)    # ancestral noise: paired across methods, caller's RNG untouched
@@ -67,6 +88,7 @@ class Runner:
         return samples, counter.total
 
     def score(self, pair, sampler, method, steps, params, seed, n):
+        sampler = OWN_SAMPLER.get(method, sampler)
         key = (pair.name, sampler, method, steps, tuple(sorted(params.items())), seed, n)
         if key not in self._cache:
             samples, nfe = self.sample(pair, sampler, method, steps, params, seed, n)
@@ -84,24 +106,87 @@ class Runner:
         means = {k: sum(m[k] for m, _ in runs) / len(runs) for k in runs[0][0]}
         return Result(method, steps, params, runs[0][1], [m[s.primary] for m, _ in runs], means)
 
+    def tuned(self, pair, sampler, candidates, budget=None):
+        """The candidate ``(method, steps, params)`` with the best tuning score, evaluated; its counted NFE is
+        checked against ``budget``."""
+        best = min(candidates, key=lambda c: self.tune_score(pair, sampler, *c))
+        res = self.evaluate(pair, sampler, *best)
+        if budget is not None and res.nfe > budget:
+            raise AssertionError(f'{res.method} used {res.nfe} NFE, over the budget {budget}')
+        return res
+
+    def _fit(self, nfe_of, budget):
+        """The largest ladder step count whose NFE fits the budget (None if none does)."""
+        fits = [s for s in self.suite.ladder if s >= 2 and nfe_of(s) <= budget]
+        return max(fits) if fits else None
+
+    def candidates(self, family, budget, steps):
+        """``(method, steps, params)`` candidates of a baseline family with NFE <= budget."""
+        s = self.suite
+        if family == 'strong':
+            return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if n <= budget]
+        if family == 'ag':
+            fit = self._fit(lambda n: 2 * n, budget)
+            counts = {n for n in (fit, steps) if n is not None and 2 * n <= budget}
+            return [('autoguidance', n, {'w': w}) for n in sorted(counts) for w in s.ag_ws]
+        if family == 'ag_interval':
+            out = []
+            for lo, hi in s.ag_windows:
+                def nfe(n):
+                    return n + sum(lo <= float(sig) <= hi for sig in self.sigmas(n)[:-1])
+                n = self._fit(nfe, budget)
+                out += [] if n is None else [('autoguidance', n, {'w': w, 'window': (lo, hi)}) for w in s.ag_ws]
+            return out
+        if family == 're-sampling':
+            out = []
+            for f in s.resampling_fracs:
+                n = self._fit(lambda n: n + reflected(n, f), budget)
+                out += [] if n is None else [('re-sampling', n, {'lam_frac': f})]
+            return out
+        if family == 'restart':
+            out = []
+            for r in s.restarts:
+                def nfe(n):
+                    sig = self.sigmas(n)
+                    try:
+                        plan = guidance.restart_plan(sig, sigma_lo=r['lo'], sigma_hi=r['hi'], restart_k=r['k'])
+                    except ValueError:          # sigma_lo snapped to a level at or above sigma_hi
+                        return budget + 1
+                    return guidance.restart_nfe(sig, plan)
+                n = self._fit(nfe, budget)
+                out += [] if n is None else [('restart', n, r)]
+            return out
+        raise ValueError(f'unknown baseline family {family!r}')
+
+    def baselines(self, pair, sampler, budget, steps):
+        """Every baseline family tuned at NFE <= budget (families with no candidate that fits are left out)."""
+        out = {}
+        for family in self.suite.families:
+            cands = self.candidates(family, budget, steps)
+            if cands:
+                out[family] = self.tuned(pair, sampler, cands, budget)
+        return out
+
+    def w2sd_candidates(self, name, steps):
+        fixed, grid = W2SD_VARIANTS[name]
+        return [('w2sd', steps, dict(fixed, lam_frac=f, strength=st)) for f, st in (grid or self.suite.grid)]
+
     def compare(self, pair, sampler, steps):
-        """Results for one pair, sampler and T: {'strong': ..., 'variants': {name: {...}}}."""
+        """Results for one pair, sampler and T: {'strong', 'weak', ['ideal'], 'variants', 'budget', 'best'}."""
         s = self.suite
         out = {m: self.evaluate(pair, sampler, m, steps, {}) for m in ('strong', 'weak')}
         if pair.ideal is not None:
             out['ideal'] = self.evaluate(pair, sampler, 'ideal', steps, {})
         out['variants'] = {}
         for name in s.variants:
-            fixed, grid = W2SD_VARIANTS[name]
-            candidates = [dict(fixed, lam_frac=f, strength=st) for f, st in (grid or s.grid)]
-            best = min(candidates, key=lambda p: self.tune_score(pair, sampler, 'w2sd', steps, p))
-            w2sd = self.evaluate(pair, sampler, 'w2sd', steps, best)
-            ag_steps = max(w2sd.nfe // 2, 1)
-            w = min(s.ag_ws, key=lambda w: self.tune_score(pair, sampler, 'autoguidance', ag_steps, {'w': w}))
+            w2sd = self.tuned(pair, sampler, self.w2sd_candidates(name, steps))
             out['variants'][name] = {
                 'w2sd': w2sd,
-                'self': self.evaluate(pair, sampler, 'self-reflection', steps, best),
-                'strong_nfe': self.evaluate(pair, sampler, 'strong', w2sd.nfe, {}),
-                'ag': self.evaluate(pair, sampler, 'autoguidance', ag_steps, {'w': w}),
+                'self': self.evaluate(pair, sampler, 'self-reflection', steps, w2sd.params),
+                'baselines': self.baselines(pair, sampler, w2sd.nfe, steps),
             }
+        budget = steps + 2 * reflected(steps, 1.)
+        every = [c for name in s.variants for c in self.w2sd_candidates(name, steps)]
+        out['budget'] = budget
+        out['best'] = {'w2sd': self.tuned(pair, sampler, every, budget), **self.baselines(pair, sampler, budget, steps)}
         return out

@@ -1,4 +1,5 @@
-"""Seed handling and the statistics every table uses: means with 95% t-intervals and paired t-tests."""
+"""Seed handling and the statistics every table uses: means with 95% t-intervals, paired t-tests and Holm's
+correction for the many comparisons of one table."""
 import math
 
 
@@ -36,3 +37,13 @@ def paired_p(a, b):
     if all(x == y for x, y in zip(a, b)):
         return 1.
     return float(_scipy_stats().ttest_rel(a, b).pvalue)
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (same order): controls the family-wise error rate of the whole list."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.] * len(pvalues), 0.
+    for rank, i in enumerate(order):
+        running = max(running, min(1., (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
