@@ -53,8 +53,8 @@ def check(args, suites):
     """Every problem with the options or the installed extras, before any suite starts."""
     missing = sorted({m for name in suites for m in EXTRAS[name] if importlib.util.find_spec(m) is None})
     if missing:
-        raise UsageError(f'suite {args.suite}: needs {", ".join(missing)}; install them with '
-                         'pip install "w2sd-samplers[bench]"')
+        raise UsageError(f'suite {args.suite}: needs {", ".join(missing)}; install them with pip install '
+                         f'{" ".join(missing)} (in a w2sd-samplers checkout: pip install -e ".[bench]")')
     if 'overhead' in suites:
         try:
             device = torch.device(args.device)
