@@ -4,8 +4,8 @@
 reflection could use, how large the weak-to-strong difference is next to the strong step itself:
 ``gap = ||D_s - D_w|| / ||x - D_s||`` (per sample, averaged). The reflection moves x by about
 ``(h / sigma) (D_s - D_w)`` and the Euler step by ``(h / sigma) (x - D_s)``, so ``gap`` is the size of the W2SD
-correction relative to the step it corrects. It warns (:class:`PairWarning`) about the failure modes of
-research/paper.md 5.4 that can be seen without sampling:
+correction relative to the step it corrects. It warns (:class:`PairWarning`) about the paper's failure modes (a
+weak model that is not a worse version of the strong one) that can be seen without sampling:
 
 - degenerate pair: ``gap`` below ``degenerate_tol`` at every step (identical models, LoRA not applied, equal
   scales): the reflection does nothing but cost 2 NFE per step;
@@ -14,7 +14,7 @@ research/paper.md 5.4 that can be seen without sampling:
   the difference should point along the strong model's error ``D_ideal - D_s``; on average it points against it;
   ``data=`` clean samples of the target: the "strong" denoiser should denoise them better (lower MSE) than the weak
   one at most noise levels; it does not;
-- overshoot (with ``ideal``): under the local model ``D_s - D_w = (r - 1)(D_ideal - D_s)`` (paper.md 5.3) a
+- overshoot (with ``ideal``): under the local model ``D_s - D_w = (r - 1)(D_ideal - D_s)`` (a weak bias r times the strong one's) a
   strength-1 reflection helps only for ``1 < r < 3``; for ``r >= 3`` the report suggests ``strength = 1 / (r - 1)``.
 """
 import dataclasses
@@ -141,7 +141,7 @@ def _warn(report):
             against = sum(report.alignment[i] < 0 for i in live)
             warnings.warn(f'the roles look swapped or opposed: D_strong - D_weak points against the ideal '
                           f'correction D_ideal - D_strong (mean cosine {alignment:.2f}, negative at {against} of '
-                          f'{len(live)} steps). W2SD would push away from the ideal (paper.md 5.4, "model '
+                          f'{len(live)} steps). W2SD would push away from the ideal (the paper\'s "model '
                           'conflict"); swap strong and weak or choose another pair.', PairWarning, stacklevel=3)
         elif report.median_ratio >= 3:
             warnings.warn(f'the weak-to-strong difference is over twice the strong model\'s own error (median '
@@ -153,5 +153,5 @@ def _warn(report):
         worse = sum(s > w for s, w in differ)
         if worse > len(differ) / 2:
             warnings.warn(f'the roles look swapped: the "strong" denoiser denoises the given data worse than the '
-                          f'weak one at {worse} of the {len(differ)} noise levels where they differ (paper.md 5.4: '
-                          'a negative gap makes W2SD hurt); swap strong and weak.', PairWarning, stacklevel=3)
+                          f'weak one at {worse} of the {len(differ)} noise levels where they differ (a '
+                          'negative weak-to-strong gap makes W2SD hurt); swap strong and weak.', PairWarning, stacklevel=3)

@@ -2,7 +2,7 @@
 
 - :func:`difference_guidance` (autoguidance when main is strong): ``D_main + w (D_strong - D_weak)`` as a denoiser
   for any sampler. W2SD at strength 1 is, to first order in the step size, Euler on this with ``w = 1``
-  (research/paper.md 1.8).
+  (the step error is O(h^2); tests/test_guidance.py checks that the gap shrinks like 1/T).
 - :func:`z_sampling`: W2SD on a guidance pair (CFG 5.5 vs 0, every step but the last reflects).
 - :func:`sample_resampling`: Re-Sampling (W2SD paper Algorithm 2): the reflection's weak inversion replaced by
   re-noising with fresh noise.

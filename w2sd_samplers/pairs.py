@@ -9,7 +9,7 @@ App. B). Every builder returns a :class:`Roles`, so sampling is one line::
 Conditional builders take ``cond`` / ``uncond`` as extra-args dicts of the inner denoiser and run every leg through
 classifier-free guidance (:class:`SharedCFG`, one batched forward for both branches; a leg at scale exactly 1 skips
 the unconditional branch, at 0 the conditional one). Without ``uncond`` there is no CFG and the scales must be
-left unset. Default scales are the paper's (research/paper.md section 2): main step CFG 5.5, reflection legs CFG 1.0
+left unset. Default scales are the paper's (its App. B and Tables 2-3): main step CFG 5.5, reflection legs CFG 1.0
 for weight, LoRA and prompt pairs, 0.5 for pipeline pairs, 1.5 everywhere for DiT-MoE.
 """
 import dataclasses
@@ -195,7 +195,7 @@ def guidance(model, cond, uncond, *, strong_scale=5.5, weak_scale=0., main_scale
 
     ``model(x, sigma, **cond)`` is the conditional denoiser; ``cond`` / ``uncond`` its extra args for each branch;
     ``shared`` extra args go unbatched to every call. The main step runs at ``main_scale`` (default: strong_scale).
-    To first order this pair is CFG at ``2 strong_scale - weak_scale`` (research/paper.md 1.8).
+    To first order this pair is CFG at ``2 strong_scale - weak_scale`` (since ``D_s + (D_s - D_w)`` is the first-order effect of a reflection).
     """
     _denoiser('model', model)
     cond, uncond = _dict('cond', cond), _dict('uncond', uncond)

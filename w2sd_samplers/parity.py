@@ -10,7 +10,7 @@ label ``t_i``. In k-diffusion coordinates (``a_k = 1 / sqrt(1 + sigma_k^2)``) on
     x~  = (a_{i+1} / a_i) * [(a_{i+1} / a_{i+2}) x' + (sigma_{i+1} - sigma_{i+2}) eps_w]
 
 On SDXL's 50-step "leading" grid this injects 0.97-0.99x the paper-exact inversion noise for most steps, up to
-1.68x near the end and 0.12x at the last reflection (research/paper.md 7.3). The official DDIM run ends at
+1.68x near the end and 0.12x at the last reflection (measured against the paper-exact form). The official DDIM run ends at
 ``abar_0`` (``set_alpha_to_one=False``), i.e. sigma 0.0292, not 0: :func:`parity_sigmas` builds that schedule.
 For the paper-exact algorithm use ``sample_w2sd_euler`` (``weak_sigma='current'``) instead.
 """

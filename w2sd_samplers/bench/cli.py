@@ -343,7 +343,7 @@ def run_overhead(args, out):
              '| sampler | UNet passes |', '|---|---|',
              f'| plain Euler, CFG 5.5 | {plain} |',
              f'| w2sd_samplers W2SD (CFGDenoiser skips uncond at scale 1) | {w2sd} |',
-             f'| official W2SD code (uncond + cond on every leg; 2T + 4λ, paper.md 1.9, not run here) | '
+             f'| official W2SD code (uncond + cond on every leg; 2T + 4λ: its sampling loop counted by hand, not run here) | '
              f'{2 * T + 4 * lam} |', '',
              'Parameter memory of a LoRA pair (rank 4 on attention q/k/v/out, as side branches; float32 bytes, '
              'counted on the meta device):', '', '| UNet | base | LoRA | base + LoRA | ×base |', '|---|---|---|---|---|']

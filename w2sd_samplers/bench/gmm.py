@@ -1,7 +1,7 @@
 """Gaussian-mixture suite: exact strong, weak and ideal denoisers (``toy.GaussianMixture``), so the target is known.
 
 Mode weights are set through log-weights: with ideal log-weights ``a``, strong ``a + b`` and weak ``a + r b``,
-r is the bias ratio of paper.md 5.3 (for the paper's current-sigma form, whose reflection moves x by
+r is the weak model's bias in units of the strong one's (for the paper's current-sigma form, whose reflection moves x by
 (h / sigma)(D_strong - D_weak) to first order, W2SD corrects the bias at r = 2, overshoots for r > 3 and harms for
 r < 1; the `next` and anchored forms move x by (h / sigma_next)(...), 2-10x more at 10 Karras steps).
 The 2-D alignment cases use a weak-to-strong difference aligned with, orthogonal to or opposite to the
