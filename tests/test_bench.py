@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from w2sd_samplers import toy
-from w2sd_samplers import cli as main_cli, guidance
+from w2sd_samplers import cli as main_cli
 from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, shapes, stats
 
 

@@ -186,8 +186,8 @@ def quality_section(suite, results, header):
                        + f' | {col("self")} |')
     for p in s.pairs:
         out += ['', f'### {p.name}', '', p.note, '',
-                f'W2SD against strong alone at T and each baseline family at NFE <= the W2SD run\'s (ratio of '
-                f'means, raw p, Holm-adjusted p):', '',
+                "W2SD against strong alone at T and each baseline family at NFE <= the W2SD run's (ratio of "
+                'means, raw p, Holm-adjusted p):', '',
                 '| sampler | T | strong(T) | variant | settings | NFE | W2SD | ×strong(T) | '
                 + ' | '.join(f'×{NAMES[f]}' for f in s.families) + ' | self ×strong(T) |',
                 '|' + '---|' * (len(s.families) + 9)]
