@@ -98,6 +98,8 @@ def main():
     p.add_argument('--steps', type=int, default=4)
     p.add_argument('--nfe', type=int, default=12)
     p.add_argument('--methods', default='plain,plain-nfe,w2sd-paper,w2sd-anchored,autoguidance,z-sampling')
+    p.add_argument('--write', action='store_true', help='throughput: add the table to the committed '
+                                                        'benchmarks/RESULTS.md')
     args = p.parse_args()
     model, clip, prompts = build(args.work, args.unet)
     if args.task == 'example':
@@ -121,6 +123,27 @@ def main():
     print(json.dumps(result, indent=1))
     ratio = result[args.processes]['items_per_s'] / result[1]['items_per_s']
     print(f'items/s ratio, {args.processes} processes vs 1: {ratio:.2f}')
+    if args.write:
+        write_section(result, args, ratio)
+
+
+def write_section(result, args, ratio):
+    """The throughput table as a section of the committed benchmarks/RESULTS.md, which is then reassembled."""
+    from w2sd_samplers.bench.cli import write_results
+    device = 'cuda' if args.gpu else 'cpu'
+    lines = [f'## `w2sd eval` throughput ({args.unet} pipeline, {device})', '',
+             f'Items (prompt x seed x method rows) per second of one `w2sd eval` command with 1 and {args.processes} '
+             f'processes: {len(PROMPTS)} prompts x {args.seeds} seeds x {len(args.methods.split(","))} methods, '
+             f'Euler, T = {args.steps}, NFE budget {args.nfe}, one torch thread per process; wall time of the whole '
+             'command (start-up and model loading included). Details: [eval/README.md](eval/README.md).', '',
+             '| processes | wall time (s) | items/s | ratio to 1 process |', '|---|---|---|---|']
+    lines += [f'| {n} | {r["wall_s"]:.1f} | {r["items_per_s"]:.3f} | '
+              f'{r["items_per_s"] / result[1]["items_per_s"]:.2f} |' for n, r in result.items()]
+    lines += ['', f'_Command: `PYTHONPATH=. python benchmarks/eval/harness.py WORK throughput --seeds {args.seeds} '
+              f'--steps {args.steps} --nfe {args.nfe} --write`; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, '
+              f'{os.cpu_count()} CPUs; ratio {ratio:.2f}._', '']
+    (HERE.parent / 'sections' / f'eval-throughput-{args.unet}-{device}.md').write_text('\n'.join(lines))
+    write_results(HERE.parent)
 
 
 if __name__ == '__main__':

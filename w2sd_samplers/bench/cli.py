@@ -116,7 +116,8 @@ def write_results(out):
                   'column gives means ± 95% t-intervals in one cell. Method details and every number: the suite '
                   'sections below.', '']
         parts += [f.read_text() for f in verdicts]
-    for f in [sections / f'{name}.md' for name in QUALITY] + sorted(sections.glob('overhead-*.md')):
+    for f in ([sections / f'{name}.md' for name in QUALITY] + sorted(sections.glob('overhead-*.md'))
+              + sorted(sections.glob('eval-*.md'))):
         if f.exists():
             parts.append(f.read_text())
     (out / 'RESULTS.md').write_text('\n'.join(parts))
