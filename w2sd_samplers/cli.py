@@ -184,11 +184,11 @@ def _plot(args, ideal, results):
     axes[0].set_ylim(-9, 9)
     fig.legend(handles=[Line2D([], [], ls='', marker='o', markersize=4, color='C0', label='samples'),
                         Line2D([], [], ls='', marker='+', markersize=10, color='red', label='ideal mode centres')],
-               loc='outside lower center', ncol=2, frameon=False)
+               loc='upper center', bbox_to_anchor=(0.5, 0), ncol=2, frameon=False)
     fig.suptitle(f'W2SD demo: 2-D Gaussian mixture, ideal weight 0.25 per mode; the strong model under-weights '
                  f'(-4,-4) (0.1), the weak one lacks it. Euler, T = {args.steps}, {args.samples} samples, '
                  f'seed {args.seed}', fontsize=10)
-    fig.savefig(args.plot, dpi=110)
+    fig.savefig(args.plot, dpi=110, bbox_inches='tight')  # the legend sits below the axes
     plt.close(fig)
 
 
