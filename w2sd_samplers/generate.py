@@ -8,7 +8,6 @@ two prompts; ``w2sd=False`` runs the plain k-diffusion sampler on the same noise
 import contextlib
 import dataclasses
 import importlib.util
-import math
 import os
 import re
 
@@ -19,6 +18,7 @@ from .cli import HelpFormatter, UsageError, at_least, device, finite_float, outp
 from .cfg import CFGDenoiser
 from .nfe import CallCounter
 from .pairs import Roles
+from .reflect import finite_number
 from .sampling import SAMPLERS
 
 FAMILIES = ('sd', 'sdxl', 'animatediff')
@@ -130,10 +130,6 @@ def _decode(pipe, fam, latents, output_type):
         if upcast:
             vae.to(dtype)
     return pipe.image_processor.postprocess(image, output_type=output_type)
-
-
-def _finite(value):
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _check_choice(name, value, choices):
@@ -267,13 +263,13 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
     for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
-        if value is not None and not _finite(value):
+        if value is not None and not finite_number(value):
             raise ValueError(f'{name} must be a finite number, got {value!r}')
     strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
     weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
     lora_on = lora is not None
     if lora_on and (not isinstance(lora_scales, (tuple, list)) or len(lora_scales) != 2
-                    or not all(map(_finite, lora_scales))):
+                    or not all(map(finite_number, lora_scales))):
         raise ValueError(f'lora_scales must be (strong_scale, weak_scale), two finite numbers, got {lora_scales!r}')
     if w2sd and weak_model is None and weak_prompt is None and weak_cfg == strong_cfg and \
             not (lora_on and lora_scales[0] != lora_scales[1]):

@@ -16,7 +16,8 @@ from tqdm.auto import trange
 
 from . import _kdiff
 from . import pairs
-from .reflect import check_denoiser, check_sigmas, checked, legs_at, reflected_steps, window_bounds
+from .reflect import (check_denoiser, check_sigmas, checked, finite_number, legs_at, reflected_steps,
+                      window_bounds)
 
 
 def difference_guidance(roles, w=1., *, sigma_window=None):
@@ -30,7 +31,7 @@ def difference_guidance(roles, w=1., *, sigma_window=None):
     """
     if not isinstance(roles, pairs.Roles):
         raise TypeError(f'difference_guidance needs a pairs.Roles, got {type(roles).__name__}')
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+    if not finite_number(w):
         raise ValueError(f'w must be a finite number (1.0 = W2SD\'s first-order twin), got {w!r}')
     lo, hi = window_bounds(sigma_window)
 

@@ -26,6 +26,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .reflect import finite_number
+
 PEFT_CONFIG_FILE = 'adapter_config.json'
 PEFT_WEIGHTS_FILE = 'adapter_model.safetensors'
 
@@ -200,7 +202,7 @@ def _peft_alpha(config, module_key, rank):
     for pattern, value in patterns.items():
         if re.fullmatch(rf'(.*\.)?(?:{pattern})', module_key):
             alpha = value
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not finite_number(alpha):
         raise ValueError(f"the PEFT config's lora_alpha (or alpha_pattern entry) must be a finite number, "
                          f'got {alpha!r}')
     return alpha / (math.sqrt(rank) if config.get('use_rslora') else rank)
@@ -264,7 +266,7 @@ def check_scale(name, scale):
     """``scale`` as a float, or a TypeError naming the argument ``name``."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not finite_number(scale):
         raise TypeError(f'{name} must be a finite number, got {scale!r}')
     return float(scale)
 

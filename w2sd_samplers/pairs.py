@@ -13,13 +13,12 @@ left unset. Default scales are the paper's (its App. B and Tables 2-3): main ste
 for weight, LoRA and prompt pairs, 0.5 for pipeline pairs, 1.5 everywhere for DiT-MoE.
 """
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import torch
 
 from .cfg import CFGDenoiser, cat_conds
-from .reflect import resolve_extra_args
+from .reflect import finite_number, resolve_extra_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _scales(uncond, given, paper):
                              'main_scale/strong_scale/weak_scale unset for a pair without CFG')
         return 1., 1., 1.
     for name, s in zip(('main_scale', 'strong_scale', 'weak_scale'), given):
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+        if s is not None and not finite_number(s):
             raise ValueError(f'{name} must be a finite number (negative allowed), got {s!r}')
     return tuple(p if s is None else float(s) for s, p in zip(given, paper))
 

@@ -115,6 +115,11 @@ def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak
     return x + strength * (x_back - x)
 
 
+def finite_number(value):
+    """True for a finite int or float; bools, strings, tensors, inf and nan are not numbers to an option."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_options(*, strength, weak_sigma, form, reflections):
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not abs(strength) <= MAX_STRENGTH:
         raise ValueError(f'strength must be a finite number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}] '

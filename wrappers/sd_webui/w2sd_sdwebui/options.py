@@ -8,7 +8,7 @@ take their defaults.
 import dataclasses
 import math
 
-from w2sd_samplers.reflect import check_options
+from w2sd_samplers.reflect import check_options, finite_number
 
 # cfg: the same model at a lower CFG (paper Table 4 pairs CFG 5.5 with CFG 0). prompt: another prompt.
 # lora: the loaded LoRAs at another multiplier (A1111 only). checkpoint: a second checkpoint (Forge only).
@@ -40,15 +40,14 @@ DEFAULTS = Options()
 
 
 def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite_number(value):
         raise ValueError(f'W2SD: {name} must be a finite number, got {value!r}')
     return float(value)
 
 
 def _integer(name, value):
     # Gradio sliders send integral floats (10.0); 2.5, inf, nan and strings are errors, not truncations.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value):
+    if not finite_number(value) or value != int(value):
         raise ValueError(f'W2SD: {name} must be a whole number, got {value!r}')
     return int(value)
 
