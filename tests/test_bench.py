@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from w2sd_samplers import toy
-from w2sd_samplers import cli as main_cli
-from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, shapes, stats
+from w2sd_samplers import cli as main_cli, stats, toy
+from w2sd_samplers.bench import digits, gmm, harness, metrics, shapes
+from w2sd_samplers.commands import bench as cli
 
 
 def test_seed_split_is_disjoint():

@@ -10,6 +10,7 @@ import torch
 
 import w2sd_samplers
 from w2sd_samplers import cli
+from w2sd_samplers.commands import demo
 from w2sd_samplers.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_demo_plot_reads_without_the_readme(tmp_path, monkeypatch):
     monkeypatch.setattr(plt, 'close', figures.append)             # keep the figure to look at it
     ideal = four_modes([.25] * 4)
     args = type('Args', (), {'plot': str(tmp_path / 'p.png'), 'steps': 7, 'seed': 1, 'samples': 1000})
-    cli._plot(args, ideal, [('ideal (2nd draw)', 0, ideal.sample(50)), ('strong alone', 7, ideal.sample(50))])
+    demo._plot(args, ideal, [('ideal (2nd draw)', 0, ideal.sample(50)), ('strong alone', 7, ideal.sample(50))])
     fig, = figures
     assert 'T = 7' in fig._suptitle.get_text()
     assert [ax.get_xlabel() for ax in fig.axes] == ['x1', 'x1'] and fig.axes[0].get_ylabel() == 'x2'
@@ -107,10 +108,10 @@ def test_version_and_every_default_in_help(capsys):
 def test_user_errors_are_one_line_naming_the_flag_before_any_work(capsys, monkeypatch, argv, flag):
     def no_work(*args, **kwargs):
         raise AssertionError('the error should come before any sampling or model loading')
-    monkeypatch.setattr(cli, '_demo_runs', no_work)
-    monkeypatch.setattr('w2sd_samplers.generate.generate', no_work)
+    monkeypatch.setattr(demo, '_demo_runs', no_work)
+    monkeypatch.setattr('w2sd_samplers.commands.generate.generate', no_work)
     if 'MODEL' in argv:                                  # a stand-in folder name: it must not even be opened
-        monkeypatch.setattr('w2sd_samplers.generate._load', no_work)
+        monkeypatch.setattr('w2sd_samplers.commands.generate.load_pipeline', no_work)
     assert flag in usage_error(capsys, argv)
 
 

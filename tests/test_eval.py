@@ -15,7 +15,7 @@ pytest.importorskip('accelerate')
 from test_generate import noise, sd_pipe, tiny_tokenizer  # noqa: E402
 from w2sd_samplers import cli  # noqa: E402
 from w2sd_samplers.eval import scorers  # noqa: E402
-from w2sd_samplers.eval.cli import standalone  # noqa: E402
+from w2sd_samplers.commands.eval import standalone  # noqa: E402
 
 PROMPTS = ['a cat', 'a dog']
 STEPS, NFE, CFG = 3, 6, 4.

@@ -20,8 +20,9 @@ import torch
 
 from .. import guidance
 from ..nfe import CallCounter
+from ..tuning import reflected
 from .methods import (AUTOGUIDANCE_WINDOWS, AUTOGUIDANCE_WS, METHODS, OWN_SAMPLER, RESAMPLING_FRACS, RESTARTS,
-                      W2SD_VARIANTS, reflected)
+                      W2SD_VARIANTS)
 
 FAMILIES = ('strong', 'ag', 'ag_interval', 're-sampling', 'restart')
 LADDER = (4, 6, 8, 10, 13, 17, 22, 28, 36, 49, 64, 73, 100, 148)

@@ -10,9 +10,9 @@ import dataclasses
 import torch
 
 from .. import _kdiff, guidance
-from ..bench.methods import reflected
 from ..nfe import CallCounter
 from ..sampling import SAMPLERS
+from ..tuning import reflected
 
 # name -> W2SD form options; None: not a W2SD run
 METHODS = {

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from ..cli import UsageError
-from ..generate import _load
-from . import methods as M, report, scorers as S
-from .store import Store, key
+from ..eval import methods as M, report, scorers as S
+from ..eval.store import Store, key
+from .common import UsageError, load_pipeline, run
 
 PAIRS = ('cfg', 'prompt', 'weights', 'lora')
 DEFAULT_METHODS = 'plain,plain-nfe,w2sd-paper,w2sd-anchored,autoguidance'
@@ -73,12 +72,10 @@ def standalone(argv=None):
     p = argparse.ArgumentParser(prog='w2sd eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
+    p.set_defaults(func=main)
     args = p.parse_args(argv)
     args.command_line = sys.argv[1:] if argv is None else list(argv)
-    try:
-        main(args)
-    except UsageError as e:
-        p.exit(2, f'w2sd eval: error: {e}\n')
+    run(p, args, 'w2sd eval')
     return 0
 
 
@@ -149,7 +146,7 @@ def _pair_options(pipe, kind, value, scales, args, device, dtype):
     elif kind == 'prompt':
         options['weak_prompt'] = value
     elif kind == 'weights':
-        options['weak_model'] = _load(value, '--pair weights:', device, dtype)
+        options['weak_model'] = load_pipeline(value, '--pair weights:', device, dtype)
     else:
         try:
             pipe.load_lora_weights(value, adapter_name='w2sd_lora')
@@ -202,7 +199,7 @@ def main(args):
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
     dtype = args.dtype or ('float16' if device.type == 'cuda' else 'float32')
-    pipe = _load(args.model, 'MODEL', device, dtype)
+    pipe = load_pipeline(args.model, 'MODEL', device, dtype)
     from ..generate import family
     if family(pipe) == 'animatediff':
         raise UsageError(f'model {args.model}: an AnimateDiff (video) pipeline; w2sd eval scores SD and SDXL images')
