@@ -2,6 +2,7 @@
 import copy
 import functools
 import inspect
+import math
 
 import k_diffusion.sampling as K
 import pytest
@@ -291,6 +292,26 @@ def test_bad_input_is_caught_before_anything_is_built(name):
         W.SAMPLERS[name](STRONG, X.tolist(), SIGMAS, disable=True, weak=WEAK)
     with pytest.raises(TypeError, match='extra_args must be a dict'):
         W.SAMPLERS[name](STRONG, X, SIGMAS, extra_args=[('c', 1)], disable=True, weak=WEAK)
+
+
+@pytest.mark.parametrize('name', sorted(W.SAMPLERS))
+def test_bad_calls_are_named_before_any_work(name):
+    fn = W.SAMPLERS[name]
+    with pytest.raises(TypeError, match=r'model \(the main denoiser\) must be a callable.*got NoneType'):
+        fn(None, X, SIGMAS, disable=True, weak=WEAK)
+    with pytest.raises(ValueError, match=r'x must have a batch dimension \(shape \[B, ...\]\)'):
+        fn(STRONG, torch.tensor(1.), SIGMAS, disable=True, weak=WEAK)
+    with pytest.raises(TypeError, match='callback must be a function of the step dict'):
+        fn(STRONG, X, SIGMAS, disable=True, weak=WEAK, callback=5)
+    with pytest.raises(TypeError, match='then must be a sequence'):
+        fn(STRONG, X, SIGMAS, disable=True, weak=WEAK, then=5)
+    with pytest.raises(TypeError, match='weak_extra_args returned list'):
+        fn(STRONG, X, SIGMAS, disable=True, weak=WEAK, weak_extra_args=lambda ea: [ea])
+    with pytest.raises(TypeError, match=r'then\[0\]: strong_extra_args returned tuple'):
+        fn(STRONG, X, SIGMAS, disable=True, weak=WEAK, then=[(STRONG, WEAK, lambda ea: (), None)])
+    for option in {'eta', 's_noise', 's_churn'} & set(inspect.signature(fn).parameters):
+        with pytest.raises(ValueError, match=f'{option} must be a finite number, got nan'):
+            fn(STRONG, X, SIGMAS, disable=True, weak=WEAK, **{option: math.nan})
 
 
 def test_errors_name_what_the_user_called():

@@ -9,13 +9,15 @@ the active k-diffusion copy (``_kdiff``), so host seeds are kept; reflections dr
 import functools
 import importlib
 import inspect
+import math
+import numbers
 import warnings
 
 import torch
 from tqdm.auto import tqdm, trange
 
 from . import _kdiff
-from .reflect import Reflection, check_sigmas
+from .reflect import Reflection, check_sigmas, check_x
 
 OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.values()
                      if p.kind is p.KEYWORD_ONLY)
@@ -33,14 +35,26 @@ def _w2sd_signature(fn):
         if unknown:
             raise TypeError(f'{fn.__name__}() got an unexpected keyword argument {unknown[0]!r} (W2SD options: '
                             f'{", ".join(OPTION_NAMES)})')
+        check_sampler_options(sample.__signature__.bind_partial(*args, **kwargs).arguments)
         return fn(*args, **kwargs)
     sample.__signature__ = inspect.Signature(params + options)
     return sample
 
 
+def check_sampler_options(arguments):
+    """Check a sampler call's ``callback`` and noise options (``arguments``: name -> value) before any work; NaN or
+    inf options would give a NaN result in k-diffusion's samplers too."""
+    callback = arguments.get('callback')
+    if callback is not None and not callable(callback):
+        raise TypeError(f'callback must be a function of the step dict (or None), got {type(callback).__name__}')
+    for name in ('eta', 's_noise', 's_churn', 's_tmin', 's_tmax', 'r'):
+        value = arguments.get(name)
+        if isinstance(value, numbers.Real) and not (math.isfinite(value) or name == 's_tmax' and value == math.inf):
+            raise ValueError(f'{name} must be a finite number, got {value!r}')
+
+
 def _setup(model, x, sigmas, extra_args, w2sd):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
+    check_x(x)
     extra_args = {} if extra_args is None else extra_args
     refl = Reflection(model, sigmas, extra_args, **w2sd)
     return refl.main, extra_args, refl, x.new_ones([x.shape[0]])
@@ -624,6 +638,7 @@ def with_reflection(sampler):
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
         w2sd = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        check_sampler_options({'callback': callback, **kwargs})
         model, extra_args, refl, _ = _setup(model, x, sigmas, extra_args, w2sd)
         for i in trange(len(sigmas) - 1, disable=disable):
             x = refl(x, i)
