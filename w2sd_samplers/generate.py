@@ -277,7 +277,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     ``strong_cfg``). ``lora``: the name of a PEFT adapter loaded into ``pipe``; ``lora_scales=(strong, weak)``
     (the main step uses the strong scale; other adapters are off during the run; the adapter state is restored
     afterwards). The switch is on the shared pipeline: while a ``lora=`` call runs, other calls on the same
-    pipeline are refused (ValueError), and a ``lora=`` call is refused while another runs. The paper's weight and prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
+    pipeline are refused (ValueError), and a ``lora=`` call is refused while another runs. The paper's weight and
+    prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
 
     ``sampler``: a name of ``w2sd_samplers.SAMPLERS``; ``parity=True`` runs the official code instead
     (:mod:`w2sd_samplers.parity`: its DDIM grid, its reflection). ``schedule``: 'native' (the scheduler's
