@@ -213,12 +213,20 @@ def flipped_copy(model):
     return flipped
 
 
-def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model):
+def with_mode(model, routing, mode):
+    def call(*args):
+        with routing.mode(mode):
+            return model(*args)
+    return call
+
+
+@pytest.mark.parametrize('form', [routed, with_mode])
+def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model, form):
     import threading
     snap = snapshot(model)
     routing = ExpertRouting(model)
     x, sigma = torch.randn(1, 3, DIM), torch.ones(1)
-    legs = {m: routed(model, routing, m) for m in MODES}
+    legs = {m: form(model, routing, m) for m in MODES}
     alone = {m: d(x, sigma) for m, d in legs.items()}
     barrier, mismatches = threading.Barrier(2), []
 

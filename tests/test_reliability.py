@@ -1,4 +1,4 @@
-"""The LoRA and MoE scope helpers under a KeyboardInterrupt at every line, and from several threads.
+"""The LoRA and MoE scope helpers under a KeyboardInterrupt at every line (threads: test_lora.py, test_moe.py).
 
 An interrupt is injected as an adversarial tester would: ``sys.settrace`` raises KeyboardInterrupt at the n-th line
 event in the library's LoRA/MoE frames (the helpers, their scope and the hooks running inside the block), for
@@ -7,7 +7,6 @@ shared model (weights, ``top_k``) must be exactly as before.
 """
 import contextvars
 import sys
-import threading
 
 import pytest
 import torch
@@ -115,25 +114,6 @@ def test_an_expert_routing_survives_an_interrupt_at_every_line(helper, k):
             moe.routed(model, routing, 'bottom')(x, sigma)
     assert_every_line_is_safe(model, scenario)
     assert routing.current_mode == 'top' and all(b.gate.top_k == MODEL_K for b in model.blocks)
-
-
-def test_scopes_entered_in_two_threads_each_see_their_own_scale():
-    net, sl, forward = lora_case()
-    alone = {s: sl.run(s, forward) for s in (0.8, -1.5)}
-    barrier, mismatches = threading.Barrier(2), []
-
-    def work(s):
-        barrier.wait()
-        for _ in range(100):
-            with sl.scale(s):
-                if not torch.equal(forward(), alone[s]):
-                    mismatches.append(s)
-    threads = [threading.Thread(target=work, args=(s,)) for s in alone]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert mismatches == [] and sl.current_scale == 0
 
 
 def test_a_scope_cannot_be_entered_twice_at_once():
