@@ -461,14 +461,15 @@ def test_pickles_are_refused_unopened(tmp_path, tiny):
     assert not marker.exists()
 
 
-def with_scale(model, sl, s):
+def in_scope(model, enter, value):
+    """``model`` called inside ``with enter(value):`` (a with-form scope helper such as ``sl.scale``)."""
     def call(*args):
-        with sl.scale(s):
+        with enter(value):
             return model(*args)
     return call
 
 
-@pytest.mark.parametrize('form', [scaled, with_scale])
+@pytest.mark.parametrize('form', [scaled, lambda model, sl, s: in_scope(model, sl.scale, s)])
 def test_two_threads_with_different_scales_get_exactly_their_own_outputs(tiny, form):
     import threading
     saved = weights_of(tiny)

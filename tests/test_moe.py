@@ -6,6 +6,7 @@ from torch import nn
 
 from w2sd_samplers.moe import MODES, ExpertRouting, find_gates, routed
 from w2sd_samplers.reflect import reflect
+from test_lora import in_scope
 
 DIM, EXPERTS, K = 8, 6, 2
 
@@ -213,14 +214,7 @@ def flipped_copy(model):
     return flipped
 
 
-def with_mode(model, routing, mode):
-    def call(*args):
-        with routing.mode(mode):
-            return model(*args)
-    return call
-
-
-@pytest.mark.parametrize('form', [routed, with_mode])
+@pytest.mark.parametrize('form', [routed, lambda model, routing, mode: in_scope(model, routing.mode, mode)])
 def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model, form):
     import threading
     snap = snapshot(model)
