@@ -298,8 +298,9 @@ class Scope:
             self.__exit__()
             raise
 
-    # Some statements share a line below: on CPython 3.11+ an interrupt lands where a new line starts, and a
-    # 'try:' or a with-exit on a line of its own would start one outside the protection (3.10 has such points).
+    # Some statements share a line below: an interrupt (a signal, a tracer) lands where a new line starts, and a
+    # 'try:' or a with-exit on a line of its own starts one outside the protection. That closes every such point
+    # on CPython 3.11+; on 3.10, whose try costs an instruction of its own line, the exit's first line remains one.
     def __exit__(self, *exc):
         try: self._undo()  # noqa: E701
         finally: self._undo()  # noqa: E701
