@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from w2sd_samplers import toy
-from w2sd_samplers import cli as main_cli
-from w2sd_samplers.bench import cli, digits, gmm, harness, metrics, shapes, stats
+from w2sd_samplers import cli as main_cli, stats, toy
+from w2sd_samplers.bench import digits, gmm, harness, metrics, shapes
+from w2sd_samplers.commands import bench as cli
 
 
 def test_seed_split_is_disjoint():
@@ -281,6 +281,18 @@ def test_bench_cli_errors_before_any_suite_runs(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     assert parser.parse_args(['bench']).out == 'w2sd-bench'
+
+
+def test_bench_refuses_a_file_for_a_folder_and_an_empty_folder_to_rewrite(tmp_path, capsys):
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    assert f'--out {a_file}: is a file; give a folder' in _cli_error(capsys, 'gmm', '--quick', '--out', str(a_file))
+    assert f'--cache {a_file}: is a file' in _cli_error(capsys, 'digits', '--quick', '--out', str(tmp_path / 'o'),
+                                                        '--cache', str(a_file))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert '--from-json' in _cli_error(capsys, 'all', '--from-json', '--out', str(empty))
+    assert list(empty.iterdir()) == [] and not (tmp_path / 'o').exists()
 
 
 def test_overhead_counts_unet_passes_and_lora_bytes():

@@ -12,8 +12,9 @@ transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
 from test_adapters_vp import ddim, tiny_sd_unet, tiny_sdxl_unet  # noqa: E402
-from w2sd_samplers.cli import UsageError  # noqa: E402
-from w2sd_samplers.generate import add_parser, family, generate, main  # noqa: E402
+from w2sd_samplers.commands.generate import add_parser, main  # noqa: E402
+from w2sd_samplers.errors import UsageError  # noqa: E402
+from w2sd_samplers.generate import family, generate  # noqa: E402
 
 PROMPT = 'a cat'
 

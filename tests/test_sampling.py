@@ -12,6 +12,7 @@ import w2sd_samplers as W
 from w2sd_samplers import sampling
 from w2sd_samplers.nfe import CallCounter
 from w2sd_samplers.toy import GaussianMixture
+from rounding import reorder_bound
 
 STRONG = GaussianMixture([[-2., 0., 1.], [2., 1., -1.], [0., -2., 2.]], [0.4, 0.6, 0.5], [0.2, 0.5, 0.3])
 WEAK = GaussianMixture([[-2., 0., 1.], [2., 1., -1.], [0., -2., 2.]], [0.4, 0.6, 0.5], [0.05, 0.7, 0.25])
@@ -90,7 +91,12 @@ def reference_w2sd_euler(x, sigmas, lam, weak_sigma='current', strength=1.):
 def test_euler_matches_the_papers_algorithm(lam, weak_sigma, strength):
     ours = W.sample_w2sd_euler(STRONG, X, SIGMAS, disable=True, weak=WEAK, lam=lam, weak_sigma=weak_sigma,
                                strength=strength)
-    torch.testing.assert_close(ours, reference_w2sd_euler(X, SIGMAS, lam, weak_sigma, strength))
+    want = reference_w2sd_euler(X, SIGMAS, lam, weak_sigma, strength)
+    # The same float32 arithmetic in another order (ATen's kernels round it differently per CPU capability): per
+    # step 3 mixture outputs rounded to float32 (the mixtures compute in float64) and 5 + 5 + 5 + 3 operations of
+    # the Euler step, the two inversions and the strength blend; a step passes an earlier error on with a gain
+    # taken as 1 (the mixtures' shrinkage is below 1).
+    torch.testing.assert_close(ours, want, rtol=0, atol=reorder_bound((len(SIGMAS) - 1) * 21, X, ours, want))
 
 
 def test_dpmpp_2m_keeps_its_history_across_reflections():

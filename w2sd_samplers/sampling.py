@@ -23,9 +23,10 @@ OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.va
                      if p.kind is p.KEYWORD_ONLY)
 
 
-def _w2sd_signature(fn):
-    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``; an unknown keyword is
-    reported against ``fn``."""
+def w2sd_signature(fn):
+    """Decorator of a W2SD sampler ``fn(model, x, sigmas, ..., **w2sd)``, for writing one outside this module (the
+    webui twins do): shows the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd`` (hosts read
+    the signature), and reports an unknown keyword against ``fn``."""
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     options = [p for p in inspect.signature(Reflection).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
@@ -121,7 +122,7 @@ def _brownian_default(x, sigmas, noise_sampler):
     return brownian
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -135,7 +136,7 @@ def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -156,7 +157,7 @@ def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                      s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -177,7 +178,7 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -198,7 +199,7 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -224,7 +225,7 @@ def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, **w2sd):
     """Linear multistep with W2SD reflections; the derivative history carries across reflections."""
@@ -245,7 +246,7 @@ def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                                    s_noise=1., noise_sampler=None, **w2sd):
@@ -274,7 +275,7 @@ def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                           noise_sampler=None, r=1 / 2, **w2sd):
@@ -309,7 +310,7 @@ def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disa
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **w2sd):
     """DPM-Solver++(2M) with W2SD reflections; the previous denoised estimate carries across reflections."""
@@ -333,7 +334,7 @@ def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disab
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, solver_type='midpoint', **w2sd):
@@ -372,7 +373,7 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, **w2sd):
@@ -415,7 +416,7 @@ def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
                          s_noise=1., noise_sampler=None, **w2sd):
@@ -454,7 +455,7 @@ def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, cal
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                         s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -538,7 +539,7 @@ def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order,
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                       denoise_to_zero=True, **w2sd):
@@ -551,7 +552,7 @@ def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                         denoise_to_zero=True, **w2sd):
@@ -564,7 +565,7 @@ def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disabl
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab',
                      **w2sd):
@@ -590,7 +591,7 @@ def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=N
     return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                               noise_sampler=None, eta=0., **w2sd):

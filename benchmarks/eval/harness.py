@@ -129,7 +129,7 @@ def main():
 
 def write_section(result, args, ratio):
     """The throughput table as a section of the committed benchmarks/RESULTS.md, which is then reassembled."""
-    from w2sd_samplers.bench.cli import write_results
+    from w2sd_samplers.commands.bench import write_results
     device = 'cuda' if args.gpu else 'cpu'
     lines = [f'## `w2sd eval` throughput ({args.unet} pipeline, {device})', '',
              f'Items (prompt x seed x method rows) per second of one `w2sd eval` command with 1 and {args.processes} '

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import standalone
+from ..commands.bench import standalone
 
 sys.exit(standalone())

@@ -7,6 +7,7 @@ import k_diffusion.sampling as K
 
 from .. import guidance, pairs
 from ..sampling import SAMPLERS
+from ..tuning import reflected
 
 
 class Pair:
@@ -19,11 +20,6 @@ class Pair:
 
     def with_denoisers(self, strong, weak, ideal):
         return Pair(self.name, strong, weak, self.shape, ideal, self.note, self.kind)
-
-
-def reflected(steps, lam_frac):
-    """The paper's lambda for a fraction of the T - 1 reflectable steps (1.0 = all but the last)."""
-    return round(lam_frac * (steps - 1))
 
 
 def _plain(denoiser):

@@ -3,8 +3,8 @@ import statistics
 
 import torch
 
-from .methods import reflected
-from .stats import holm, mean_ci, paired_p
+from ..stats import holm, mean_ci, paired_p
+from ..tuning import reflected
 
 ALPHA = 0.05
 

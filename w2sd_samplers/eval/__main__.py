@@ -1,5 +1,5 @@
 import sys
 
-from .cli import standalone
+from ..commands.eval import standalone
 
 sys.exit(standalone())

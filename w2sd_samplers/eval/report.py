@@ -2,7 +2,7 @@
 import math
 import warnings
 
-from ..bench.stats import mean_ci
+from ..stats import mean_ci
 
 REFERENCES = ('plain', 'plain-nfe', 'autoguidance')
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 KINDS = ('clip', 'pickscore', 'aesthetic', 'hpsv2', 'imagereward')
 

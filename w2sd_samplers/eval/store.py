@@ -9,7 +9,7 @@ import json
 import os
 import pathlib
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 
 def settings_hash(settings):

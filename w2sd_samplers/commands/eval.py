@@ -8,16 +8,14 @@ winrate.png. ``--resume`` continues an interrupted run with the same settings.
 """
 import argparse
 import os
-import shlex
 import sys
 import time
 
 import torch
 
-from ..cli import UsageError
-from ..generate import _load
-from . import methods as M, report, scorers as S
-from .store import Store, key
+from ..eval import methods as M, report, scorers as S
+from ..eval.store import Store, key
+from .common import UsageError, load_pipeline, quiet_loaders, recorded_command, run
 
 PAIRS = ('cfg', 'prompt', 'weights', 'lora')
 DEFAULT_METHODS = 'plain,plain-nfe,w2sd-paper,w2sd-anchored,autoguidance'
@@ -64,7 +62,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser('eval', help='paired, matched-NFE evaluation on a local diffusers pipeline',
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=interruptible)
     return p
 
 
@@ -73,12 +71,10 @@ def standalone(argv=None):
     p = argparse.ArgumentParser(prog='w2sd eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
+    p.set_defaults(func=interruptible)
     args = p.parse_args(argv)
     args.command_line = sys.argv[1:] if argv is None else list(argv)
-    try:
-        main(args)
-    except UsageError as e:
-        p.exit(2, f'w2sd eval: error: {e}\n')
+    run(p, args, 'w2sd eval')
     return 0
 
 
@@ -149,7 +145,7 @@ def _pair_options(pipe, kind, value, scales, args, device, dtype):
     elif kind == 'prompt':
         options['weak_prompt'] = value
     elif kind == 'weights':
-        options['weak_model'] = _load(value, '--pair weights:', device, dtype)
+        options['weak_model'] = load_pipeline(value, '--pair weights:', device, dtype)
     else:
         try:
             pipe.load_lora_weights(value, adapter_name='w2sd_lora')
@@ -168,6 +164,15 @@ def _settings(args, methods, prompts):
                 negative_prompt=args.negative_prompt, lam_frac=args.lam_frac, strength=args.strength,
                 w2sd_window=args.w2sd_window, ag_w=args.ag_w, ag_window=args.ag_window, height=args.height,
                 width=args.width, dtype=args.dtype, scorers=args.scorer)
+
+
+def interruptible(args):
+    """:func:`main`, with Ctrl-C said in one line: every row on disk is whole or dropped on resume."""
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f'w2sd eval: interrupted; --resume continues (the rows so far are in {args.out})\n')
+        raise SystemExit(130) from None
 
 
 def main(args):
@@ -194,15 +199,12 @@ def main(args):
     store.check(settings, args.resume)
 
     from accelerate import PartialState
-    if args.no_progress:                # also the loaders' bars: an error stays the only line on stderr
-        import diffusers
-        import transformers
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    if args.no_progress:
+        quiet_loaders()
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
     dtype = args.dtype or ('float16' if device.type == 'cuda' else 'float32')
-    pipe = _load(args.model, 'MODEL', device, dtype)
+    pipe = load_pipeline(args.model, 'MODEL', device, dtype)
     from ..generate import family
     if family(pipe) == 'animatediff':
         raise UsageError(f'model {args.model}: an AnimateDiff (video) pipeline; w2sd eval scores SD and SDXL images')
@@ -298,9 +300,9 @@ def _summarise(store, args, methods, prompts, size, processes):
         fid = S.fid(args.fid, args.fid_features, {m: v for m, v in images.items() if len(v) > 1}, size)
     scorer_names = list(rows[0]['scores']) if rows else []
     expected = len(prompts) * args.seeds * len(methods)
-    argv = getattr(args, 'command_line', None)         # None: run as `w2sd eval ...`
-    if argv is None:
-        argv = sys.argv[sys.argv.index('eval') + 1:] if 'eval' in sys.argv else sys.argv[1:]
+    kind, value, _ = _pair_spec(args.pair, args)
+    paths = [args.model, args.prompts, args.out, args.fid, args.fid_features, value if kind in ('weights', 'lora')
+             else None] + [spec.partition(':')[2] for spec in args.scorer]
     text = '\n'.join([
         f'# w2sd eval: {os.path.basename(os.path.normpath(args.model))}, pair {args.pair}', '',
         f'{len(prompts)} prompts x {args.seeds} seeds, {len(rows)} of {expected} rows; sampler {args.sampler}, '
@@ -309,7 +311,7 @@ def _summarise(store, args, methods, prompts, size, processes):
         'reference on the same noise (ties count half), with a 95% bootstrap interval over items.', '',
         report.tables(rows, methods, scorer_names, fid),
         '![image grid](grid.png)', '', '![win rates](winrate.png)', '',
-        f'_Command: `w2sd eval {shlex.join(argv)}`_', ''])
+        f'_Command: `{recorded_command("eval", args, paths, store.out)}` (paths relative to this folder)_', ''])
     path = store.out / 'summary.md'
     path.write_text(text, encoding='utf-8')
     if rows:

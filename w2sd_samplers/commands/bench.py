@@ -7,12 +7,11 @@ import importlib.util
 import json
 import pathlib
 import platform
-import sys
 import time
 
 import torch
 
-from ..cli import UsageError, device as torch_device
+from .common import UsageError, device as torch_device, output_folder, recorded_command, run
 
 SUITES = ('gmm', 'digits', 'shapes', 'overhead')
 QUALITY = ('gmm', 'digits', 'shapes')
@@ -60,10 +59,18 @@ def check(args, suites):
             torch_device(args.device)
         except argparse.ArgumentTypeError as e:
             raise UsageError(f'--device {args.device}: {e}') from None
+    output_folder(args.out, '--out')
+    output_folder(args.cache, '--cache')
     out = pathlib.Path(args.out)
     if out.resolve() == COMMITTED and (out / 'RESULTS.md').exists() and not args.force:
         raise UsageError(f'--out {args.out}: holds the committed benchmark results; pass --force to overwrite them, '
                          'or choose another --out')
+    if args.from_json:
+        saved = [name for name in suites if name != 'overhead' and (out / f'{name}.json').is_file()
+                 and (out / 'sections' / f'{name}.md').is_file()]
+        if not saved:
+            raise UsageError(f'--from-json: {args.out} holds no saved quality suite ({", ".join(QUALITY)}: its '
+                             '<suite>.json and sections/<suite>.md); run the suite without --from-json first')
 
 
 def main(args):
@@ -75,7 +82,7 @@ def main(args):
         # one overhead section per UNet and device, so a GPU run adds to the CPU one
         key = f'overhead-{args.unet}-{torch.device(args.device).type}' if name == 'overhead' else name
         section = out / 'sections' / f'{key}.md'
-        if args.from_json and (name == 'overhead' or not section.exists()):
+        if args.from_json and (name == 'overhead' or not section.exists() or not (out / f'{name}.json').exists()):
             continue
         start, cpu = time.perf_counter(), time.process_time()
         text = RUNNERS[name](args, out)
@@ -84,9 +91,8 @@ def main(args):
             footer = [line for line in section.read_text().splitlines() if line.startswith('_Command:')]
             text += '\n' + '\n'.join(footer) + '\n'
         else:
-            cmd = 'w2sd bench ' + ' '.join(sys.argv[sys.argv.index('bench') + 1:] if 'bench' in sys.argv
-                                           else sys.argv[1:])
-            text += (f'\n_Command: `{cmd.strip()}` (suite {name}); wall time {took / 60:.1f} min, CPU time '
+            cmd = recorded_command('bench', args, [args.out, args.cache], out)
+            text += (f'\n_Command: `{cmd}` (suite {name}, run in this folder); wall time {took / 60:.1f} min, CPU time '
                      f'{cpu / 60:.1f} min (a wall time far above the CPU time means the machine was shared) on '
                      f'{platform.machine()} with {torch.get_num_threads()} torch threads, '
                      f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._'
@@ -124,7 +130,7 @@ def write_results(out):
 def verdict_section(suite, verdict_table, rows):
     """The suite's verdict table (see ``report.quality_section``) with the plain reading: where W2SD is the family
     to use and where it is not."""
-    from .report import NAMES
+    from ..bench.report import NAMES
     use = [r['pair'].name for r in rows if r['use'] == 'w2sd']
     other = [f'{r["pair"].name} ({r["pair"].kind}: {NAMES[r["use"]]})' for r in rows if r['use'] != 'w2sd']
     text = [f'### {suite.name}', ''] + verdict_table + ['',
@@ -135,7 +141,7 @@ def verdict_section(suite, verdict_table, rows):
 
 def _run_quality(suite, out, progress, from_json=False):
     from tqdm.auto import tqdm
-    from .harness import Runner
+    from ..bench.harness import Runner
     if from_json:
         saved = json.loads((out / f'{suite.name}.json').read_text())
         return None, {p: {(k.split('/T=')[0], int(k.split('/T=')[1])): _from_jsonable(r) for k, r in v.items()}
@@ -160,7 +166,7 @@ def _jsonable(r):
 
 
 def _from_jsonable(r):
-    from .harness import Result
+    from ..bench.harness import Result
     if not isinstance(r, dict):
         return r
     if 'method' in r:
@@ -169,9 +175,9 @@ def _from_jsonable(r):
 
 
 def gmm_suite(quick):
-    from . import gmm
-    from .harness import Suite
-    from .stats import split_seeds
+    from ..bench import gmm
+    from ..bench.harness import Suite
+    from ..stats import split_seeds
     pairs = gmm.cases()
     if quick:
         tune, ev = split_seeds(1, 2)
@@ -186,7 +192,7 @@ def gmm_suite(quick):
 
 def _write_quality(suite, runner, results, out, header, head=''):
     """The suite's section (with ``head`` after its title) and its verdict section; the NFE plot."""
-    from . import report
+    from ..bench import report
     report.plot_quality_vs_nfe(suite, results, out / f'{suite.name}_quality_vs_nfe.png')
     text, verdict, rows = report.quality_section(suite, results, header)
     (out / 'sections' / f'{suite.name}-verdict.md').write_text(verdict_section(suite, verdict, rows))
@@ -194,13 +200,13 @@ def _write_quality(suite, runner, results, out, header, head=''):
 
 
 def _listed(metric_values):
-    from .report import fmt
+    from ..bench.report import fmt
     return ', '.join(f'{k} {fmt(v)}' for k, v in metric_values.items())
 
 
 def _panels(runner, suite, pair, sampler, t, results, n):
     """(label, samples) of strong, weak, each W2SD variant and each baseline family at the paper's NFE."""
-    from . import report
+    from ..bench import report
     r = results[pair.name][sampler, t]
     seed = suite.eval_seeds[0]
     panels = [(f'strong, {t} steps', runner.sample(pair, sampler, 'strong', t, {}, seed, n)[0]),
@@ -216,7 +222,7 @@ def _panels(runner, suite, pair, sampler, t, results, n):
 
 
 def run_gmm(args, out):
-    from . import report
+    from ..bench import report
     suite = gmm_suite(args.quick)
     runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
     text = _write_quality(suite, runner, results, out, 'Gaussian mixtures (exact denoisers, known ideal)')
@@ -234,9 +240,9 @@ def run_gmm(args, out):
 
 
 def digits_suite(args):
-    from . import digits
-    from .harness import Suite
-    from .stats import split_seeds
+    from ..bench import digits
+    from ..bench.harness import Suite
+    from ..stats import split_seeds
     cache = args.cache or pathlib.Path(args.out) / 'cache'
     if args.quick:
         tune, ev = split_seeds(1, 2)
@@ -253,7 +259,7 @@ def digits_suite(args):
 
 
 def run_digits(args, out):
-    from . import digits, report
+    from ..bench import digits, report
     suite, metric, classifier = digits_suite(args)
     floor = metric.floor()
     runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
@@ -274,9 +280,9 @@ def run_digits(args, out):
 
 
 def shapes_suite(args):
-    from . import shapes
-    from .harness import Suite
-    from .stats import split_seeds
+    from ..bench import shapes
+    from ..bench.harness import Suite
+    from ..stats import split_seeds
     cache = args.cache or pathlib.Path(args.out) / 'cache'
     pairs, metric, classifier = shapes.cases(cache, quick=args.quick)
     if args.quick:
@@ -293,7 +299,7 @@ def shapes_suite(args):
 
 
 def run_shapes(args, out):
-    from . import report, shapes
+    from ..bench import report, shapes
     start = time.perf_counter()
     suite, classifier = shapes_suite(args)
     trained = time.perf_counter() - start
@@ -321,7 +327,7 @@ def run_shapes(args, out):
 
 
 def run_overhead(args, out):
-    from . import overhead
+    from ..bench import overhead
     dtype = getattr(torch, args.dtype)
     quick = args.quick
     steps = 4 if quick else 10
@@ -361,4 +367,5 @@ RUNNERS = {'gmm': run_gmm, 'digits': run_digits, 'shapes': run_shapes, 'overhead
 def standalone(argv=None):
     p = argparse.ArgumentParser(prog='python -m w2sd_samplers.bench', description=__doc__.splitlines()[0])
     configure(p)
-    return main(p.parse_args(argv))
+    p.set_defaults(func=main)
+    return run(p, p.parse_args(argv), 'w2sd bench')
