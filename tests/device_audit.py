@@ -6,7 +6,9 @@ following x (``torch.tensor(...)``, ``torch.zeros(n)``, ``torch.linspace(...)`` 
 therefore lands on meta or in float64, and a ``TorchDispatchMode`` records every op's output: its op, device,
 dtype and shape. Allowed are tensors on x's device in x's dtype, and schedule values (at most ``len(sigmas)``
 elements, 0-dim step sizes included) in the schedule's dtype, since the samplers keep sigmas at the schedule's
-precision as k-diffusion does. Anything else is a finding. ``syncs`` counts the values read back to the host
+precision as k-diffusion does, and ``network_dtype`` where the code under test casts to the network's dtype
+(the adapters), and with ``table_len`` 1-D float64 CPU tables of that many entries at most (the adapters build
+their noise tables so, before sampling, as diffusers does). Anything else is a finding. ``syncs`` counts the values read back to the host
 (``.item()``, ``float(t)``, ``bool(t)``): each one waits for the device on an accelerator.
 
 The user's model is not the library's: ``audit.user(denoiser)`` runs a denoiser with recording paused and the
@@ -32,9 +34,9 @@ def _frames():
 
 
 class Audit(TorchDispatchMode):
-    def __init__(self, x, sigmas=None):
+    def __init__(self, x, sigmas=None, network_dtype=None, table_len=0):
         super().__init__()
-        self.device, self.dtype = x.device, x.dtype
+        self.device, self.dtype, self.network_dtype, self.table_len = x.device, x.dtype, network_dtype, table_len
         self.schedule_dtype = sigmas.dtype if sigmas is not None else x.dtype
         self.schedule_len = len(sigmas) if sigmas is not None else 1
         self.findings, self.seen, self.paused, self.syncs = [], 0, 0, 0
@@ -42,7 +44,9 @@ class Audit(TorchDispatchMode):
     def allowed(self, t):
         if t.device != self.device:
             return False
-        if not t.is_floating_point() or t.dtype == self.dtype:
+        if not t.is_floating_point() or t.dtype in (self.dtype, self.network_dtype):
+            return True
+        if t.dtype == torch.float64 and t.device.type == 'cpu' and t.ndim <= 1 and t.numel() <= self.table_len:
             return True
         return t.dtype == self.schedule_dtype and t.ndim <= 1 and t.numel() <= self.schedule_len
 

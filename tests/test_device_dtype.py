@@ -221,3 +221,65 @@ def test_half_precision_runs_match_float32_within_the_rounding_bound(dtype, form
         if not (outs[dtype].dtype == dtype and err <= bound):
             flagged[name] = (outs[dtype].dtype, err, bound)
     assert flagged == {}
+
+
+def net_dtype_check(audit, module, dtype, seen):
+    """Run ``module`` as the user's code and record the dtype of every floating tensor it is given but the
+    timestep (diffusers networks take it in float32 and embed it in float32)."""
+    forward = module.forward
+
+    def checked(*args, **kwargs):
+        seen.update(str(v.dtype) for k, v in list(enumerate(args)) + list(kwargs.items())
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() and k != 'timestep')
+        return forward(*args, **kwargs)
+    module.forward = audit.user(checked)
+
+
+@pytest.mark.parametrize('family', ['sd', 'sdxl', 'sd3'])
+def test_adapters_keep_the_state_on_its_device_and_the_network_in_its_dtype(family):
+    """The adapters keep k-diffusion's state and sigma math in float32 by design (docs/devices.md) and call the
+    network in its own dtype (bfloat16 here); nothing of theirs lands on the default device or in float64."""
+    diffusers = pytest.importorskip('diffusers')
+    from test_adapters_flow import tiny_sd3
+    from test_adapters_vp import ddim, sdxl_cond, tiny_sd_unet, tiny_sdxl_unet
+    from w2sd_samplers.adapters import unet_denoiser
+    if family == 'sd3':
+        net, den, x, (c, w), _ = tiny_sd3()
+        sigmas = kd.sampling.get_sigmas_karras(4, 0.05, 20.)
+    else:
+        net = tiny_sd_unet() if family == 'sd' else tiny_sdxl_unet()
+        den = unet_denoiser(net, ddim())
+        c, w = ([{'encoder_hidden_states': torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(s))}
+                 for s in (1, 2)] if family == 'sd' else [sdxl_cond(2, s) for s in (1, 2)])
+        sigmas = den.schedule(4)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    assert isinstance(net, diffusers.ModelMixin)
+    net.to(DEVICE, torch.bfloat16)
+    x, sigmas = x.to(DEVICE), sigmas.to(DEVICE)
+    audit, seen = Audit(x, sigmas, torch.bfloat16), set()
+    net_dtype_check(audit, net, torch.bfloat16, seen)
+    roles = pairs.prompt(den, c, w)
+    with audit:
+        for form in ('paper', 'anchored'):
+            out = sampling.sample_w2sd_dpmpp_2m(roles.main, x, sigmas, extra_args=roles.extra_args, disable=True,
+                                                **roles.w2sd(form=form))
+            assert out.dtype == torch.float32 and out.device == x.device and torch.isfinite(out).all()
+    assert audit.report() == [] and seen == {'torch.bfloat16'}
+
+
+def test_generate_keeps_device_and_dtypes(tmp_path):
+    """generate() on a bfloat16 pipeline: float32 state, the UNet in bfloat16, nothing on the default device."""
+    pytest.importorskip('transformers')
+    from test_generate import PROMPT, sd_pipe
+    from w2sd_samplers.generate import generate
+    pipe = sd_pipe(tmp_path).to(DEVICE, torch.bfloat16)
+    x = torch.zeros(1, device=DEVICE)
+    audit, seen = Audit(x, network_dtype=torch.bfloat16, table_len=1000), set()
+    net_dtype_check(audit, pipe.unet, torch.bfloat16, seen)
+    pipe.encode_prompt = audit.user(pipe.encode_prompt)
+    pipe.vae.decode = audit.user(pipe.vae.decode)
+    with audit:
+        result = generate(pipe, PROMPT, steps=3, weak_cfg=1., form='anchored', output_type='latent',
+                          progress=False)
+    assert result.latents.dtype == torch.bfloat16 and torch.isfinite(result.latents).all()
+    assert audit.report() == [] and seen == {'torch.bfloat16'}
