@@ -147,8 +147,9 @@ def test_pair_builders_lora_branches_and_moe_hooks_keep_device_and_dtype(kind, d
                                              **roles.w2sd(form=form))
             assert out.dtype == dtype and out.device == x.device
         guided = guidance.difference_guidance(roles)         # autoguidance, any sampler's denoiser
+        syncs = audit.syncs
         out = guided(x, sigmas[1] * x.new_ones([len(x)]), **roles.extra_args)
-        assert out.dtype == dtype and out.device == x.device
+        assert out.dtype == dtype and out.device == x.device and audit.syncs == syncs
     assert audit.report() == []
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 18, one command, one results file, under 8 minutes on one H200:
+# The GPU check of issue 18, one command, one results file, sized for under 8 minutes on one H200 (not yet run):
 #   benchmarks/gpu/run.sh [RESULTS_FILE]          (default benchmarks/gpu/RESULTS-gpu.md; CUDA, float16/bfloat16)
 #   benchmarks/gpu/run.sh --tiny [RESULTS_FILE]   (CPU, tiny UNets: what tests/test_gpu_script.py runs)
 # Sections: the device/dtype tests on CUDA (float16 and bfloat16), `w2sd bench overhead` at SD 1.5 size, and
