@@ -224,6 +224,11 @@ def test_half_precision_runs_match_float32_within_the_rounding_bound(dtype, form
     assert flagged == {}
 
 
+def to_device(value):
+    """Tensors, inside nested dicts too, moved to DEVICE (float32 kept: the adapters cast for the network)."""
+    return {k: to_device(v) for k, v in value.items()} if isinstance(value, dict) else value.to(DEVICE)
+
+
 def net_dtype_check(audit, module, dtype, seen):
     """Run ``module`` as the user's code and record the dtype of every floating tensor it is given but the
     timestep (diffusers networks take it in float32 and embed it in float32)."""
@@ -247,16 +252,16 @@ def test_adapters_keep_the_state_on_its_device_and_the_network_in_its_dtype(fami
     if family == 'sd3':
         net, den, x, (c, w), _ = tiny_sd3()
         sigmas = kd.sampling.get_sigmas_karras(4, 0.05, 20.)
+        net.to(DEVICE, torch.bfloat16)
     else:
-        net = tiny_sd_unet() if family == 'sd' else tiny_sdxl_unet()
+        net = (tiny_sd_unet() if family == 'sd' else tiny_sdxl_unet()).to(DEVICE, torch.bfloat16)
         den = unet_denoiser(net, ddim())
         c, w = ([{'encoder_hidden_states': torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(s))}
                  for s in (1, 2)] if family == 'sd' else [sdxl_cond(2, s) for s in (1, 2)])
         sigmas = den.schedule(4)
-        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0].cpu()
     assert isinstance(net, diffusers.ModelMixin)
-    net.to(DEVICE, torch.bfloat16)
-    x, sigmas = x.to(DEVICE), sigmas.to(DEVICE)
+    x, sigmas, c, w = (to_device(v) for v in (x, sigmas, c, w))
     audit, seen = Audit(x, sigmas, torch.bfloat16), set()
     net_dtype_check(audit, net, torch.bfloat16, seen)
     roles = pairs.prompt(den, c, w)

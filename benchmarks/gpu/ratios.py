@@ -34,31 +34,35 @@ def main(argv=None):
              f'{args.repeats} round-robin runs after an untimed warm-up (where a compiled UNet compiles). Peak '
              'memory: `torch.cuda.max_memory_allocated`, weights included. Compiled: `torch.compile(unet, '
              'dynamic=True)` (one graph for every batch size but 1, which dynamo always specializes).', '']
-    for backend in [None] + ([] if args.compile_backend == 'none' else [args.compile_backend]):
-        mode = 'eager' if backend is None else f'torch.compile ({backend})'
-        for size in args.unet:
+    backends = [None] + ([] if args.compile_backend == 'none' else [args.compile_backend])
+    with open(args.out, 'a') as out:
+        def write(text):                   # leg by leg: a run stopped at its deadline keeps the finished legs
+            out.write('\n'.join(text) + '\n')
+            out.flush()
+        write(lines)
+        for size in args.unet:             # per size, batch by batch, eager then compiled: the goal's leg first
             unet = overhead.build_unet(size, args.device, dtype)
-            net = unet if backend is None else torch.compile(unet, backend=backend, dynamic=True)
+            nets = {b: unet if b is None else torch.compile(unet, backend=b, dynamic=True) for b in backends}
             for batch in args.batch:
-                head = f'### {size}, batch {batch}, {mode}'
-                if time.perf_counter() - start > args.budget:
-                    lines += [head, '', f'skipped: the {args.budget:.0f} s budget was spent', '']
-                    continue
-                graphs = counters['stats']['unique_graphs']
-                leg = time.perf_counter()
-                rows = overhead.per_image(net, batch, args.steps, args.lam, args.repeats)
-                took = time.perf_counter() - leg
-                lines += [head, ''] + overhead.per_image_table(rows) + [
-                    '', f'{took:.0f} s for the leg; graphs compiled: '
-                        f'{counters["stats"]["unique_graphs"] - graphs}; graph breaks so far: '
-                        f'{sum(counters["graph_break"].values())}', '']
-                print(head, f'{took:.0f} s', flush=True)
-            del unet, net
+                for backend in backends:
+                    head = f'### {size}, batch {batch}, ' + ('eager' if backend is None else
+                                                             f'torch.compile ({backend})')
+                    if time.perf_counter() - start > args.budget:
+                        write([head, '', f'skipped: the {args.budget:.0f} s budget was spent', ''])
+                        continue
+                    graphs = counters['stats']['unique_graphs']
+                    leg = time.perf_counter()
+                    rows = overhead.per_image(nets[backend], batch, args.steps, args.lam, args.repeats)
+                    took = time.perf_counter() - leg
+                    write([head, ''] + overhead.per_image_table(rows) + [
+                        '', f'{took:.0f} s for the leg; graphs compiled: '
+                            f'{counters["stats"]["unique_graphs"] - graphs}; graph breaks so far: '
+                            f'{sum(counters["graph_break"].values())}', ''])
+                    print(head, f'{took:.0f} s', flush=True)
+            del unet, nets
             torch._dynamo.reset()
             if torch.device(args.device).type == 'cuda':
                 torch.cuda.empty_cache()
-    with open(args.out, 'a') as f:
-        f.write('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
