@@ -200,7 +200,9 @@ class PipelinePair:
                  self.height // vsf, self.width // vsf]
         if self.family == 'animatediff':
             shape.insert(2, num_frames)
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        # drawn on the CPU in float32 whatever the defaults: the same seed gives the same image on every device
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), device='cpu',
+                            dtype=torch.float32).to(device)
         x = noise * (1 + sigmas[0] ** 2).sqrt()          # the VP pure-noise latent in VE coordinates
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
             torch.manual_seed(seed)                      # ancestral/SDE noise, without touching the caller's RNG

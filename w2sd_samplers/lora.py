@@ -328,22 +328,24 @@ def call_in_context(var, key, value, fn, *args, **kwargs):
 
 
 def _row_scales(scale):
-    """A number, or a float32 tensor of per-row scales."""
+    """A number, or a tuple of per-row scales (numbers: the hooks build them on each layer's device and dtype, with
+    no host-to-device copy per layer)."""
     if isinstance(scale, (list, tuple)) or (isinstance(scale, torch.Tensor) and scale.ndim == 1):
-        rows = torch.as_tensor(scale, dtype=torch.float32)
-        if not torch.isfinite(rows).all():
+        rows = tuple(scale.tolist() if isinstance(scale, torch.Tensor) else scale)
+        if not all(map(finite_number, rows)):
             raise TypeError(f'scale must hold finite numbers, got {scale!r}')
-        return rows
+        return tuple(map(float, rows))
     return check_scale('scale', scale)
 
 
 def _per_row(scale, y):
     """``scale`` shaped to multiply ``y``: per-row scales repeated over the blocks of y's leading dimension."""
-    if not isinstance(scale, torch.Tensor):
+    if not isinstance(scale, tuple):
         return scale
     if y.shape[0] % len(scale):
         raise ValueError(f'per-row LoRA scales for {len(scale)} rows do not fit a layer input of batch {y.shape[0]}')
-    return scale.to(y).repeat_interleave(y.shape[0] // len(scale)).reshape(-1, *[1] * (y.dim() - 1))
+    block = (y.shape[0] // len(scale),) + (1,) * (y.dim() - 1)
+    return torch.cat([y.new_full(block, s) for s in scale])
 
 
 class _Branch:
@@ -380,7 +382,7 @@ class _Branch:
 
     def hook(self, layer, args, kwargs, output):
         scale = self.owner.current_scale
-        if not isinstance(scale, torch.Tensor) and scale == 0:
+        if not isinstance(scale, tuple) and scale == 0:
             return output
         x, c = args[0] if args else kwargs['input'], self.layer  # some models pass the input by keyword
         if self.delta is not None:

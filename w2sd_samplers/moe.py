@@ -54,8 +54,8 @@ def _flip_rows(mode, t):
         return -t if mode == 'bottom' else t
     if t.shape[0] % len(mode):
         raise ValueError(f'per-row routing for {len(mode)} rows does not fit a gate input of batch {t.shape[0]}')
-    sign = torch.tensor([-1. if m == 'bottom' else 1. for m in mode], dtype=t.dtype, device=t.device)
-    return t * sign.repeat_interleave(t.shape[0] // len(mode)).reshape(-1, *[1] * (t.dim() - 1))
+    # negated blocks, not a sign tensor built from a list: that would be a host-to-device copy per gate call
+    return torch.cat([-rows if m == 'bottom' else rows for rows, m in zip(t.chunk(len(mode)), mode)])
 
 
 class ExpertRouting:

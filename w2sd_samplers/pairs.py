@@ -121,6 +121,9 @@ class SharedCFG(CFGDenoiser):
                     outs[i] = out
             return outs
         rows = len(branches)
+        if len(legs) > 1 and any(c.keys() != branches[0][0].keys() for c, _ in branches):
+            # legs with different inputs (the pipeline pair's extra conditioning) cannot share a forward
+            return [self.joint(x, sigma, [each])[0] for each in legs]
         conds = branches[0][0]
         for c, _ in branches[1:]:
             conds = cat_conds(conds, c)

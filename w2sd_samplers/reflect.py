@@ -192,17 +192,18 @@ def reflected_steps(sigmas, lam=None, sigma_window=None):
     reflect.
     """
     n = len(sigmas) - 1
+    sigmas = sigmas.tolist()  # one device-to-host copy, not one per step
     if lam is not None and sigma_window is not None:
         raise ValueError('give lam (first lambda steps) or sigma_window (lo, hi), not both')
     if sigma_window is not None:
         lo, hi = window_bounds(sigma_window)
-        chosen = [lo <= float(s) <= hi for s in sigmas[:-1]]
+        chosen = [lo <= s <= hi for s in sigmas[:-1]]
     else:
         lam = n - 1 if lam is None else lam
         if isinstance(lam, bool) or not isinstance(lam, numbers.Integral) or lam < 0:
             raise ValueError(f'lam (number of reflected steps) must be an integer >= 0, got {lam!r}')
         chosen = [i < lam for i in range(n)]
-    return [c and float(sigmas[i]) > float(sigmas[i + 1]) > 0 for i, c in enumerate(chosen)]
+    return [c and sigmas[i] > sigmas[i + 1] > 0 for i, c in enumerate(chosen)]
 
 
 class Reflection:
@@ -249,6 +250,7 @@ class Reflection:
                             'with a callable weak denoiser (see pairs.compose(..., successive=True))')
         self.main = checked('main', model)
         self.sigmas, self.extra_args = sigmas, extra_args
+        self.levels = sigmas.tolist()  # one device-to-host copy here instead of a sync per reflection
         # A strong leg left to default is the main model: its errors are the main model's.
         self.pairs = tuple((model if s is None else s, w, s_ea, w_ea, ('main' if s is None else 'strong', 'weak'))
                            for s, w, s_ea, w_ea in ((strong, weak, strong_extra_args, weak_extra_args),) + then)
@@ -263,6 +265,6 @@ class Reflection:
             where = '' if k == 0 else f'then[{k - 1}]: '
             ea_s = ea if strong_spec is None else resolve_extra_args(strong_spec, ea, where + 'strong_extra_args')
             ea_w = ea if weak_spec is None else resolve_extra_args(weak_spec, ea, where + 'weak_extra_args')
-            x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, roles=roles,
+            x = reflect(x, self.levels[i], self.levels[i + 1], strong, weak, ea_s, ea_w, roles=roles,
                         **self.options)
         return x

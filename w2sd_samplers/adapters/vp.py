@@ -32,16 +32,16 @@ def alphas_cumprod(beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0
     """
     n = num_train_timesteps
     if trained_betas is not None:
-        betas = torch.as_tensor(trained_betas, dtype=torch.float64)
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64, device='cpu')
     elif beta_schedule == 'linear':
-        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64, device='cpu')
     elif beta_schedule == 'scaled_linear':
-        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64) ** 2
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float64, device='cpu') ** 2
     elif beta_schedule == 'squaredcos_cap_v2':
         def abar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device='cpu')
     else:
         raise ValueError(f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2' "
                          f"(or pass trained_betas), got {beta_schedule!r}")
@@ -129,7 +129,8 @@ def vp_denoiser(net, alphas_cumprod, prediction_type='epsilon', quantize=False):
         raise ValueError(f'prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r} '
                          "(check the scheduler config's prediction_type)")
     cls = EpsDenoiser if prediction_type == 'epsilon' else VDenoiser
-    return cls(net, torch.as_tensor(alphas_cumprod, dtype=torch.float32), quantize)
+    device = alphas_cumprod.device if isinstance(alphas_cumprod, torch.Tensor) else 'cpu'  # not the default device
+    return cls(net, torch.as_tensor(alphas_cumprod, dtype=torch.float32, device=device), quantize)
 
 
 def spaced_timesteps(n, spacing='leading', steps_offset=0, num_train_timesteps=1000):
@@ -137,11 +138,11 @@ def spaced_timesteps(n, spacing='leading', steps_offset=0, num_train_timesteps=1
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= num_train_timesteps:
         raise ValueError(f'the number of steps must be an integer in [1, {num_train_timesteps}], got {n!r}')
     if spacing == 'leading':
-        t = torch.arange(n - 1, -1, -1, dtype=torch.float64) * (num_train_timesteps // n) + steps_offset
+        t = torch.arange(n - 1, -1, -1, dtype=torch.float64, device='cpu') * (num_train_timesteps // n) + steps_offset
     elif spacing == 'trailing':
-        t = (num_train_timesteps - torch.arange(n, dtype=torch.float64) * (num_train_timesteps / n)).round() - 1
+        t = (num_train_timesteps - torch.arange(n, dtype=torch.float64, device='cpu') * (num_train_timesteps / n)).round() - 1
     elif spacing == 'linspace':
-        t = torch.linspace(0, num_train_timesteps - 1, n, dtype=torch.float64).round().flip(0)
+        t = torch.linspace(0, num_train_timesteps - 1, n, dtype=torch.float64, device='cpu').round().flip(0)
     else:
         raise ValueError(f'spacing must be one of {SPACINGS}, got {spacing!r}')
     return t.long()
@@ -152,11 +153,11 @@ def timestep_sigmas(denoiser, timesteps, final=0.):
 
     ``final='alpha0'`` ends at the table's first sigma, as diffusers' DDIM with ``set_alpha_to_one=False``.
     """
-    t = torch.as_tensor(timesteps).long().cpu()
+    t = torch.as_tensor(timesteps, device='cpu').long()
     if t.ndim != 1 or len(t) == 0 or t.min() < 0 or t.max() >= len(denoiser.sigmas):
         raise ValueError(f'timesteps must be a 1-D list of integers in [0, {len(denoiser.sigmas) - 1}]')
     table = denoiser.sigmas.float().cpu()
-    last = table[0] if final == 'alpha0' else torch.tensor(float(final))
+    last = table[0] if final == 'alpha0' else table.new_tensor(float(final))
     return torch.cat([table[t], last.reshape(1)]).to(denoiser.sigmas.device)
 
 

@@ -1,15 +1,17 @@
 """Overhead and scale: wall time per NFE of every W2SD sampler against bare denoiser calls, UNet passes per image
 at the paper's settings, forward launches and batch rows of each shared-network pair with its legs batched or not,
-and the parameter memory of a LoRA pair against its base model.
+the parameter memory of a LoRA pair against its base model, and wall time and peak memory per image of each method
+as a ratio to plain sampling (``per_image``, for benchmarks/gpu/run.sh).
 
 Runs a random-weight ``diffusers.UNet2DConditionModel`` built from a config: 'tiny' or 'tiny-xl' (CPU, CI), or 'sd15' / 'sdxl'
 (the real architectures' sizes, for a GPU: ``w2sd bench overhead --unet sdxl --device cuda --dtype float16``).
 """
+import statistics
 import time
 
 import torch
 
-from .. import lora, moe, pairs, sampling
+from .. import guidance, lora, moe, pairs, sampling
 from ..cfg import CFGDenoiser
 from ..nfe import CallCounter
 
@@ -48,7 +50,9 @@ def _diffusers():
 
 def build_unet(size, device='cpu', dtype=torch.float32, seed=0):
     """A random-weight UNet of the named size (weights from a fixed seed; nothing is downloaded)."""
-    with torch.random.fork_rng(devices=[]):
+    cuda = torch.device(device).type == 'cuda'
+    # built on the device: SDXL's 2.6 B parameters take a minute to initialize on a CPU
+    with torch.random.fork_rng(devices=[device] if cuda else []), torch.device(device):
         torch.manual_seed(seed)
         unet = _diffusers().UNet2DConditionModel(**UNETS[size])
     unet = unet.to(device) if dtype == torch.float32 else unet.to(device, dtype)
@@ -275,3 +279,71 @@ def pair_batching_table(size='tiny', steps=10, device='cpu', dtype=torch.float32
     text += [f'| {kind} | {form} | {n} | {n_b} | {r:g} | {r_b:g} | {ratio:.2f} |'
              for kind, form, n, n_b, r, r_b, ratio in pair_batching(size, steps, device=device, dtype=dtype)]
     return text + ['']
+
+
+METHODS = ('plain', 'autoguidance', 'w2sd paper', 'w2sd anchored, separate legs', 'w2sd anchored, batched legs')
+
+
+def _peak_reset(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device):
+    return torch.cuda.max_memory_allocated() if torch.device(device).type == 'cuda' else None
+
+
+def per_image(unet, batch=1, steps=10, lam=6, repeats=3):
+    """Rows ``(method, seconds per image, peak bytes or None, UNet passes per image, forward launches)`` of Euler at
+    ``steps`` on a prompt pair (main step CFG 5.5, reflection legs CFG 1; ``lam`` reflected steps) with ``unet``
+    (from :func:`build_unet`, or ``torch.compile`` of one): plain Euler, autoguidance
+    (``guidance.difference_guidance``, every step), W2SD paper, and W2SD anchored with its legs as separate
+    denoisers or batched into one forward. Methods run round-robin ``repeats`` times after one untimed warm-up each
+    (where a compiled UNet compiles); the median is reported. Peak memory (CUDA only) is ``max_memory_allocated``
+    over the last timed run, weights included.
+    """
+    model = denoiser(unet)
+    eps = model.inner_model
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    cond, weak_cond, uncond = (conds(unet, batch, s) for s in (1, 2, 0))
+    batched, separate = _pair_roles('prompt', model, eps, cond, weak_cond, uncond)
+    sigmas = model.get_sigmas(steps).to(device)
+    n = unet.config.sample_size
+    x = torch.randn(batch, 4, n, n, generator=torch.Generator().manual_seed(0)).to(device, dtype) * sigmas[0]
+    guided = guidance.difference_guidance(batched)
+
+    def euler(roles, main=None, **options):
+        # lam=0: k-diffusion's Euler (bit for bit in float32) that keeps half-precision latents in their dtype
+        return sampling.sample_w2sd_euler(main or roles.main, x, sigmas, extra_args=roles.extra_args, disable=True,
+                                          **roles.w2sd(**options))
+    runs = {'plain': lambda: euler(batched, lam=0), 'autoguidance': lambda: euler(batched, guided, lam=0),
+            'w2sd paper': lambda: euler(batched, lam=lam),
+            'w2sd anchored, separate legs': lambda: euler(separate, lam=lam, form='anchored'),
+            'w2sd anchored, batched legs': lambda: euler(batched, lam=lam, form='anchored')}
+    times, peaks, counts = {m: [] for m in METHODS}, {}, {}
+    with torch.no_grad():
+        for m in METHODS:
+            runs[m]()
+        for r in range(repeats):
+            for m in METHODS:
+                eps.calls = eps.rows = 0
+                _peak_reset(device)
+                start = time.perf_counter()
+                runs[m]()
+                _sync(device)
+                times[m].append(time.perf_counter() - start)
+                peaks[m], counts[m] = _peak(device), (eps.rows / batch, eps.calls)
+    return [(m, statistics.median(times[m]) / batch, peaks[m], *counts[m]) for m in METHODS]
+
+
+def per_image_table(rows):
+    """Markdown lines for :func:`per_image` rows, each method as a ratio to plain from the same run."""
+    plain_t, plain_m = rows[0][1], rows[0][2]
+    text = ['| method | UNet passes per image | launches | s per image | × plain | peak MiB | × plain |',
+            '|---|---|---|---|---|---|---|']
+    for m, t, peak, passes, launches in rows:
+        mem = ('n/a', 'n/a') if peak is None else (f'{peak / 2**20:.0f}', f'{peak / plain_m:.2f}')
+        text.append(f'| {m} | {passes:g} | {launches} | {t:.3f} | {t / plain_t:.2f} | {mem[0]} | {mem[1]} |')
+    return text
