@@ -70,6 +70,26 @@ def test_every_sampler_keeps_x_device_and_dtype(dtype, form, audit_brownian):
     assert flagged == {}
 
 
+@pytest.mark.parametrize('dtype', HALF, ids=str)
+def test_resampling_and_restart_keep_x_device_and_dtype(dtype, monkeypatch):
+    x, sigmas = latents(dtype), SIGMAS.to(DEVICE)
+    made, audits = kd.sampling.get_sigmas_karras, []   # Restart's sub-schedule: k-diffusion's code, as the user's
+    monkeypatch.setattr(kd.sampling, 'get_sigmas_karras', lambda *a, **k: audits[-1].user(made)(*a, **k))
+    strong = Gauss(0.5, 1.).to(DEVICE, dtype)
+    runs = {'resampling': (guidance.sample_resampling, {}),
+            'restart': (guidance.sample_restart, {'sigma_lo': float(SIGMAS[3]), 'sigma_hi': float(SIGMAS[1])})}
+    flagged = {}
+    for name, (sample, options) in runs.items():
+        audit = Audit(x, sigmas)
+        audits.append(audit)
+        with audit:
+            out = sample(audit.user(strong), x, sigmas, disable=True, **options)
+        assert audit.seen > 50
+        if audit.findings or out.dtype != dtype or out.device != x.device:
+            flagged[name] = audit.report()[:3] + [f'out {out.dtype} {out.device}']
+    assert flagged == {}
+
+
 class TinyEps(torch.nn.Module):
     """An eps network over pixels as tokens: attention-style projections (LoRA targets), a top-2-of-4 mixture of
     experts with a DiT-MoE-style gate, and an optional extra input (the pipeline pair's)."""

@@ -18,7 +18,7 @@ from . import _kdiff
 from . import pairs
 from .reflect import (check_denoiser, check_sigmas, check_x, checked, finite_number, legs_at, reflected_steps,
                       window_bounds)
-from .sampling import check_sampler_options
+from .sampling import check_sampler_options, to_d
 
 
 def difference_guidance(roles, w=1., *, sigma_window=None):
@@ -87,24 +87,23 @@ def sample_resampling(model, x, sigmas, extra_args=None, callback=None, disable=
     resampled = reflected_steps(sigmas, lam)
     for i in trange(len(sigmas) - 1, disable=disable):
         if resampled[i]:
-            x_down = x + K.to_d(x, sigmas[i], model(x, sigmas[i] * s_in, **extra_args)) * (sigmas[i + 1] - sigmas[i])
+            x_down = x + to_d(x, sigmas[i], model(x, sigmas[i] * s_in, **extra_args)) * (sigmas[i + 1] - sigmas[i])
             x = x_down + noise_sampler(sigmas[i], sigmas[i + 1]) * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) ** 0.5
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        x = x + K.to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
 
 def heun_step(model, x, sigma, sigma_next, extra_args, s_in):
     """One Heun step of k-diffusion's ``sample_heun`` from ``sigma`` to ``sigma_next`` (Euler into sigma 0):
     ``(x_next, denoised at x)``. ``s_in``: ones of x's batch size (k-diffusion's per-sample sigma factor)."""
-    K = _kdiff.sampling()
     denoised = model(x, sigma * s_in, **extra_args)
-    d = K.to_d(x, sigma, denoised)
+    d = to_d(x, sigma, denoised)
     x_next = x + d * (sigma_next - sigma)
     if sigma_next > 0:
-        d_2 = K.to_d(x_next, sigma_next, model(x_next, sigma_next * s_in, **extra_args))
+        d_2 = to_d(x_next, sigma_next, model(x_next, sigma_next * s_in, **extra_args))
         x_next = x + (d + d_2) / 2 * (sigma_next - sigma)
     return x_next, denoised
 

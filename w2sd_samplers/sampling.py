@@ -69,7 +69,7 @@ def _t_fn(sigma):
     return sigma.log().neg()
 
 
-def _to_d(x, sigma, denoised):
+def to_d(x, sigma, denoised):
     """k-diffusion's ``to_d`` (bit for bit) with the 0-dim sigma kept 0-dim: its ``append_dims`` makes it
     [1, 1, 1, 1], which would promote half-precision latents to a float32 schedule's dtype."""
     return (x - denoised) / sigma
@@ -92,7 +92,7 @@ def _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn
     denoised = model(x, sigma_hat * s_in, **extra_args)
     if callback is not None:
         callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigma_hat, 'denoised': denoised})
-    return x, sigma_hat, _to_d(x, sigma_hat, denoised)
+    return x, sigma_hat, to_d(x, sigma_hat, denoised)
 
 
 def _refuse_repeats(sampler, sigmas, divides):
@@ -156,7 +156,7 @@ def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None
         sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        d = _to_d(x, sigmas[i], denoised)
+        d = to_d(x, sigmas[i], denoised)
         x = x + d * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
@@ -178,7 +178,7 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
             x = x + (d + d_2) / 2 * dt
     return x
 
@@ -198,7 +198,7 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
         else:
             sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
             x_2 = x + d * (sigma_mid - sigma_hat)
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
             x = x + d_2 * (sigmas[i + 1] - sigma_hat)
     return x
 
@@ -217,13 +217,13 @@ def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None
         sigma_down, sigma_up = K.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
-        d = _to_d(x, sigmas[i], denoised)
+        d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
         else:
             sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
             x_2 = x + d * (sigma_mid - sigmas[i])
-            d_2 = _to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in, **extra_args))
             x = x + d_2 * (sigma_down - sigmas[i])
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -241,7 +241,7 @@ def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=No
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        ds = (ds + [_to_d(x, sigmas[i], denoised)])[-order:]
+        ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         cur_order = min(i + 1, order)
@@ -265,7 +265,7 @@ def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=N
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         if sigma_down == 0:
-            x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
             t, t_next = _t_fn(sigmas[i]), _t_fn(sigma_down)
             r = 1 / 2
@@ -295,7 +295,7 @@ def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disa
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         if sigmas[i + 1] == 0:
-            x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
         else:
             t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
             h = t_next - t
@@ -475,13 +475,13 @@ def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disabl
             x = x + d * dt
             continue
         x_2 = x + d * dt
-        d_2 = _to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
         if sigmas[i + 2] == s_end:
             w2 = sigmas[i + 1] / (2 * sigmas[0])
             x = x + (d * (1 - w2) + d_2 * w2) * dt
             continue
         x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
-        d_3 = _to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
+        d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
         w = 3 * sigmas[0]
         w2, w3 = sigmas[i + 1] / w, sigmas[i + 2] / w
         x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
@@ -614,7 +614,7 @@ def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, 
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         if sigma_down == 0 or old_denoised is None:
-            x = x + _to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
             t, t_old, t_next, t_prev = (_t_fn(sigmas[i]), _t_fn(old_sigma_down), _t_fn(sigma_down),
                                         _t_fn(sigmas[i - 1]))
