@@ -80,6 +80,25 @@ def test_options_from_widgets():
             core.w2sd_options(**bad)
 
 
+@pytest.mark.parametrize('name, value', [('strength', float('nan')), ('strength', 11.), ('strength', -20),
+                                         ('lam', 10001), ('lam', True), ('reflections', 0), ('reflections', 2.),
+                                         ('strength', '1')])
+def test_widget_values_outside_the_widgets_range_name_that_range(name, value):
+    lo, hi = core.RANGES[name]
+    with pytest.raises(ValueError, match=rf'^W2SD: {name} must be .* in \[{lo:g}, {hi:g}\], got'):
+        core.w2sd_options(**{name: value})
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf'), '5', True])
+@pytest.mark.parametrize('name', ['strong_cfg', 'weak_cfg'])
+def test_a_cfg_that_is_not_a_finite_number_is_refused_before_sampling(name, value):
+    x, sigmas, main = setup()
+    model = Inpaint(CFGGuider(STRONG, UNCOND, 5.5))
+    with pytest.raises(ValueError, match=f'^W2SD: {name} must be a finite number'):
+        core.sample('euler', model, x, sigmas, main, disable=True, **{'strong_cfg': 5.5, 'weak_cfg': 0., name: value})
+    assert model.calls == []
+
+
 def test_roles_are_routed_through_model_with_the_same_extra_args_keys():
     x, sigmas, main = setup()
     model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
@@ -126,7 +145,10 @@ def test_role_model_options_copy_and_leave_the_callers_alone():
     with pytest.raises(ValueError, match='role'):
         core.role_model_options({}, 'medium')
     with pytest.raises(ValueError, match='unconditional'):
-        core.cfg_override(1.0)({'cond_denoised': c, 'uncond_denoised': None})
+        core.cfg_override(2.0)({'cond_denoised': c, 'uncond_denoised': None})
+    # CFG 1 is the conditional prediction itself: no negative needed, and the CFG-1 shortcut may stay on
+    assert core.cfg_override(1.0)({'cond_denoised': c, 'uncond_denoised': None, 'uncond': None}) is c
+    assert 'disable_cfg1_optimization' not in core.role_model_options({}, 'weak', 1.0)
 
 
 def test_errors_name_the_fix():
@@ -163,6 +185,13 @@ def test_missing_negative_is_an_error_not_a_blow_up():
     basic = Inpaint(CFGGuider(STRONG, None, 1.0))
     with pytest.raises(ValueError, match='no negative conditioning'):
         core.sample('euler', basic, x, sigmas, main, disable=True, strong_cfg=5.5, weak_cfg=0.)
+
+
+def test_legs_at_cfg_1_need_no_negative_so_the_anchored_identity_runs_under_a_basic_guider():
+    x, sigmas, main = setup()
+    basic = Inpaint(CFGGuider(STRONG, None, 1.0))
+    out = core.sample('euler', basic, x, sigmas, main, disable=True, strong_cfg=1., weak_cfg=1., form='anchored')
+    assert torch.equal(out, K_euler(x, sigmas))
 
 
 def test_cfg_source_auto_uses_a_w2sd_guider_and_sampler_overrides_it():
