@@ -1,6 +1,7 @@
 """The ComfyUI node pack's logic with small stand-ins for ComfyUI's objects (no ComfyUI needed)."""
 import importlib.util
 import pathlib
+import sys
 import types
 
 import pytest
@@ -294,3 +295,13 @@ def test_ve_noise_samplers_refuse_flow_models(monkeypatch):
     with pytest.raises(ValueError, match='flow'):
         core.sample('dpmpp_2m_sde', Inpaint(guider), x, sigmas, main)
     assert torch.isfinite(core.sample('euler', Inpaint(guider), x, sigmas, main, disable=True)).all()
+
+
+def test_the_checkout_root_imported_as_a_plain_module_loads_no_nodes(monkeypatch):
+    """pytest imports the root ``__init__.py`` as a plain module when the checkout folder is named w2sd-samplers;
+    with ComfyUI imported (the live tests) it must not try the pack's relative import."""
+    monkeypatch.setitem(sys.modules, 'comfy', types.ModuleType('comfy'))
+    spec = importlib.util.spec_from_file_location('__init__', pathlib.Path(__file__).parents[1] / '__init__.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not hasattr(module, 'NODE_CLASS_MAPPINGS')
