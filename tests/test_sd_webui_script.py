@@ -96,7 +96,8 @@ class Accordion:
 
 
 class Script:
-    pass
+    def elem_id(self, item_id):
+        return f'script_txt2img_w2sd_{item_id}'
 
 
 class Processing(types.SimpleNamespace):

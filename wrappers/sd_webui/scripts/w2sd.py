@@ -107,35 +107,33 @@ class W2SDScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        d, label, ranges = w2sd_options.DEFAULTS, w2sd_options.LABELS, w2sd_options.RANGES
+        d, ranges = w2sd_options.DEFAULTS, w2sd_options.RANGES
         host = 'Forge' if 'modules_forge' in sys.modules else 'A1111'
         forge = host == 'Forge'
+
+        def control(component, name, *args, note='', **kwargs):
+            return component(*args, value=getattr(d, name), label=w2sd_options.LABELS[name] + note,
+                             elem_id=self.elem_id(name), **kwargs)
+
         with gr.Accordion('W2SD: Weak-to-Strong Diffusion (use with a "W2SD ..." sampler)', open=False):
-            enabled = gr.Checkbox(value=d.enabled, label=label['enabled'])
-            weak = gr.Radio(list(w2sd_options.HOST_KINDS[host]), value=d.weak, label=label['weak'])
-            weak_cfg = gr.Slider(*ranges['weak_cfg'], value=d.weak_cfg, step=0.5,
-                                 label=label['weak_cfg'] + ' (weak model = cfg)')
-            weak_prompt = gr.Textbox(value=d.weak_prompt, lines=2,
-                                     label=label['weak_prompt'] + ' (weak model = prompt)')
-            weak_negative_prompt = gr.Textbox(value=d.weak_negative_prompt, lines=1,
-                                              label=label['weak_negative_prompt'] + ' (empty: the main one)')
-            weak_lora = gr.Slider(*ranges['weak_lora'], value=d.weak_lora, step=0.05, visible=not forge,
-                                  label=label['weak_lora'] + ' (weak model = lora)')
-            lora_names = gr.Textbox(value=d.lora_names, visible=not forge,
-                                    label=label['lora_names'] + ', comma-separated (empty: all loaded)')
-            weak_checkpoint = gr.Dropdown([''] + sorted(sd_models.checkpoint_tiles()) if forge else [''],
-                                          value=d.weak_checkpoint, visible=forge,
-                                          label=label['weak_checkpoint'] + ' (weak model = checkpoint, .safetensors)')
-            reflection_cfg = gr.Slider(*ranges['reflection_cfg'], value=d.reflection_cfg, step=0.5,
-                                       label=label['reflection_cfg'] + ' (both legs; weak model = prompt, '
-                                             + ('checkpoint)' if forge else 'lora)'))
-            lam = gr.Slider(-1, w2sd_options.LAM_SLIDER_MAX, value=d.lam, step=1,
-                            label=label['lam'] + ' (-1: all but the last)')
-            strength = gr.Slider(*ranges['strength'], value=d.strength, step=0.05, label=label['strength'])
-            weak_sigma = gr.Radio(list(WEAK_SIGMAS), value=d.weak_sigma, label=label['weak_sigma'])
-            message = gr.HTML(value='')  # what a paste of the infotext could not apply
-        controls = [enabled, weak, weak_cfg, weak_prompt, weak_negative_prompt, weak_lora, lora_names,
-                    weak_checkpoint, reflection_cfg, lam, strength, weak_sigma]
+            controls = [
+                control(gr.Checkbox, 'enabled'),
+                control(gr.Radio, 'weak', list(w2sd_options.HOST_KINDS[host])),
+                control(gr.Slider, 'weak_cfg', *ranges['weak_cfg'], step=0.5, note=' (weak model = cfg)'),
+                control(gr.Textbox, 'weak_prompt', lines=2, note=' (weak model = prompt)'),
+                control(gr.Textbox, 'weak_negative_prompt', lines=1, note=' (empty: the main one)'),
+                control(gr.Slider, 'weak_lora', *ranges['weak_lora'], step=0.05, visible=not forge,
+                        note=' (weak model = lora)'),
+                control(gr.Textbox, 'lora_names', visible=not forge, note=', comma-separated (empty: all loaded)'),
+                control(gr.Dropdown, 'weak_checkpoint', [''] + (sorted(sd_models.checkpoint_tiles()) if forge else []),
+                        visible=forge, note=' (weak model = checkpoint, .safetensors)'),
+                control(gr.Slider, 'reflection_cfg', *ranges['reflection_cfg'], step=0.5,
+                        note=' (both legs; weak model = prompt, ' + ('checkpoint)' if forge else 'lora)')),
+                control(gr.Slider, 'lam', -1, w2sd_options.LAM_SLIDER_MAX, step=1, note=' (-1: all but the last)'),
+                control(gr.Slider, 'strength', *ranges['strength'], step=0.05),
+                control(gr.Radio, 'weak_sigma', list(WEAK_SIGMAS)),
+            ]
+            message = gr.HTML(value='', elem_id=self.elem_id('message'))  # what a pasted infotext could not apply
         self.infotext_fields = [(c, lambda params, name=name: w2sd_options.pasted(params, host)[0][name])
                                 for name, c in zip(w2sd_options.ARGS, controls)]
         self.infotext_fields.append((message, lambda params: html.escape(w2sd_options.pasted(params, host)[1])))
