@@ -305,3 +305,23 @@ def test_the_checkout_root_imported_as_a_plain_module_loads_no_nodes(monkeypatch
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert not hasattr(module, 'NODE_CLASS_MAPPINGS')
+
+
+def test_lms_denoises_at_its_step_into_sigma_0_as_comfyuis_lms_does():
+    """ComfyUI's sample_lms returns the denoised estimate when sigmas[i + 1] == 0 (k-diffusion's takes an LMS step
+    there): off is then ComfyUI's lms, and the reflected steps are those of the full schedule."""
+    x, sigmas, main = setup()
+    model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
+    off = core.sample('lms', model, x, sigmas, main, disable=True, strength=0.)
+    K = _kdiff.sampling()
+    before_last = K.sample_lms(STRONG, x, sigmas[:-1], disable=True)
+    assert torch.equal(off, STRONG(before_last, sigmas[-2] * before_last.new_ones([len(x)])))
+    steps = []
+    model.calls.clear()
+    on = core.sample('lms', model, x, sigmas, main, callback=lambda d: steps.append(d['i']), disable=True, lam=3)
+    assert steps == [0, 1, 2, 3, 4] and model.calls == ['strong', 'weak', 'main'] * 3 + ['main'] * 2
+    ref = sampling.sample_w2sd_lms(STRONG, x, sigmas[:-1], weak=WEAK, lam=3, disable=True)
+    assert torch.equal(on, STRONG(ref, sigmas[-2] * ref.new_ones([len(x)])))
+    # a schedule that does not end at 0 (SplitSigmas) is the twin's own
+    assert torch.equal(core.sample('lms', model, x, sigmas[:-1], main, disable=True),
+                       sampling.sample_w2sd_lms(STRONG, x, sigmas[:-1], weak=WEAK, disable=True))

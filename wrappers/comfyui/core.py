@@ -58,8 +58,13 @@ TWINS = {
     'res_multistep': ('res_multistep', {}),
     'res_multistep_ancestral': ('res_multistep', {'eta': 1.}),
 }
-# Twins written in ComfyUI's operation order: off is ComfyUI's sampler bit for bit (the others differ by rounding).
-BIT_EXACT_TWINS = ('dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep', 'res_multistep_ancestral')
+# ComfyUI's lms returns the denoised estimate at its step into sigma 0, where k-diffusion's (the twin's) takes
+# one more LMS step: the twin runs to the last sigma > 0 and the pack denoises there (denoising_last_step).
+DENOISE_LAST = ('lms',)
+# Twins written in ComfyUI's operation order: off is ComfyUI's sampler bit for bit (the SDE twins differ by
+# rounding: ComfyUI writes them in a half-log-SNR form).
+BIT_EXACT_TWINS = ('lms', 'dpmpp_2m', 'heunpp2', 'ipndm', 'ipndm_v', 'deis', 'res_multistep',
+                   'res_multistep_ancestral')
 _HISTORY = 'multistep: its history must carry across reflections and the library has no W2SD twin of it yet'
 REFUSED = {
     'dpm_fast': 'it makes its own schedule from sigma_min and sigma_max',
@@ -224,6 +229,23 @@ def legs_coincide(model, strong_cfg, weak_cfg):
             == (guider.weak_cfg if weak_cfg is None else weak_cfg))
 
 
+def denoising_last_step(fn):
+    """``fn`` (a ``sample_w2sd_*`` twin) ending as ComfyUI's lms does: at a schedule's step into sigma 0 it returns
+    the denoised estimate. That step never reflects, so ``lam`` keeps its meaning on the shortened schedule."""
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, lam=None, **options):
+        if len(sigmas) < 3 or sigmas[-1] != 0:
+            return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, lam=lam,
+                      **options)
+        last = len(sigmas) - 2
+        x = fn(model, x, sigmas[:-1], extra_args=extra_args, callback=callback, disable=disable,
+               lam=last if lam is None else lam, **options)
+        denoised = model(x, sigmas[last] * x.new_ones([x.shape[0]]), **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': last, 'sigma': sigmas[last], 'sigma_hat': sigmas[last], 'denoised': denoised})
+        return denoised
+    return sample
+
+
 def sample(name, model, x, sigmas, extra_args=None, callback=None, disable=None, *, cfg_source='auto',
            strong_cfg=None, weak_cfg=None, **options):
     """KSAMPLER function: W2SD ``name`` with ComfyUI's noise, the roles routed through ``model``.
@@ -248,6 +270,8 @@ def sample(name, model, x, sigmas, extra_args=None, callback=None, disable=None,
     if name in TWINS:
         twin, twin_options = TWINS[name]
         fn = getattr(sampling, 'sample_w2sd_' + twin)
+        if name in DENOISE_LAST:
+            fn = denoising_last_step(fn)
         options.update(twin_options)
         if twin == 'res_multistep':  # ComfyUI (v0.33) scales its noise by the model's noise_scale
             model_sampling = model.inner_model.model_patcher.get_model_object('model_sampling')
