@@ -71,9 +71,15 @@ class Server:
                 cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 900
-            while True:
+            # No request before the webui says it has started: A1111 adds its API middleware after the Gradio app
+            # is up, which fails ("Cannot add middleware after an application has started") once a request came.
+            while 'Startup time:' not in self.log_text():
                 assert self.proc.poll() is None, f'the webui exited:\n{self.log_tail()}'
                 assert time.time() < deadline, f'the webui did not start in time:\n{self.log_tail()}'
+                time.sleep(2)
+            while True:
+                assert self.proc.poll() is None, f'the webui exited:\n{self.log_tail()}'
+                assert time.time() < deadline, f'the webui did not answer in time:\n{self.log_tail()}'
                 try:
                     if self.request('/sdapi/v1/samplers', timeout=10)[0] == 200:
                         break
