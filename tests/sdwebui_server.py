@@ -1,7 +1,9 @@
-"""A real webui server (A1111 at ``SDWEBUI_PATH``) with the W2SD extension, on 127.0.0.1, for the live tests.
+"""A real webui server (A1111 or Forge at ``SDWEBUI_PATH``) with the W2SD extension, on 127.0.0.1, for the live tests.
 
 ``SDWEBUI_PYTHON``: the webui venv's Python (default ``$SDWEBUI_PATH/venv/bin/python``). The server runs a tiny
-random-weight SD 1.x checkpoint written by ``sdwebui_tiny_ldm.py``; the extension is a symlink to this checkout's
+random-weight SD 1.x checkpoint: A1111 one written by ``sdwebui_tiny_ldm.py``, Forge (on CPU, ``--always-cpu``)
+an SD1-shaped one written by ``sdwebui_forge_ckpt.py`` (Forge's backend builds CLIP-L and the VAE from SD1.5's
+configs, so those are full size); the extension is a symlink to this checkout's
 ``wrappers/sd_webui``, so the library is imported from the checkout (nothing installed, no ``PYTHONPATH``). A probe
 extension saves each generation's latents, so results are compared exactly. Stopped by its PID.
 """
@@ -39,6 +41,10 @@ class Probe(scripts.Script):
 '''
 
 
+def is_forge(root):
+    return os.path.isdir(os.path.join(root, 'modules_forge'))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -57,17 +63,20 @@ class Server:
         self.probe_dir.mkdir()
         env = {**{k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}, 'OMP_NUM_THREADS': '1',
                'W2SD_PROBE_DIR': str(self.probe_dir)}
-        subprocess.run([python, os.path.join(REPO, 'tests', 'sdwebui_tiny_ldm.py'), str(model)], cwd=root, env=env,
-                       check=True, capture_output=True, timeout=600)
+        self.forge = is_forge(root)
+        writer, checkpoint = ('sdwebui_forge_ckpt.py', 'tiny_sd1.safetensors') if self.forge else \
+            ('sdwebui_tiny_ldm.py', 'tiny.safetensors')
+        subprocess.run([python, os.path.join(REPO, 'tests', writer), str(model)], cwd=root, env=env,
+                       check=True, capture_output=True, timeout=900)
         port, self.log = free_port(), str(data / 'server.log')
         self.url = f'http://127.0.0.1:{port}'
         with open(self.log, 'w') as out:
             self.proc = subprocess.Popen(
                 [python, 'launch.py', '--skip-prepare-environment', '--skip-torch-cuda-test', '--skip-version-check',
                  '--no-download-sd-model', '--do-not-download-clip', '--data-dir', str(data),
-                 '--ckpt', str(model / 'tiny.safetensors'), '--use-cpu', 'all', '--precision', 'full', '--no-half',
-                 '--no-half-vae', '--api', *([] if ui else ['--nowebui']), '--server-name', '127.0.0.1',
-                 '--port', str(port)],
+                 '--ckpt', str(model / checkpoint), '--use-cpu', 'all', '--precision', 'full', '--no-half',
+                 '--no-half-vae', *(['--always-cpu'] if self.forge else []), '--api', *([] if ui else ['--nowebui']),
+                 '--server-name', '127.0.0.1', '--port', str(port)],
                 cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 900

@@ -1,12 +1,12 @@
-"""A real AUTOMATIC1111 webui server with the extension, driven over HTTP on 127.0.0.1 (skipped without SDWEBUI_PATH).
+"""A real A1111 or Forge webui server with the extension, driven over HTTP on 127.0.0.1 (skipped without SDWEBUI_PATH).
 
 ``SDWEBUI_PATH``: an A1111 checkout (v1.10.1 tested) with its ``repositories/`` in place (stable-diffusion-stability-ai,
-generative-models, k-diffusion, BLIP; the server is started with ``--skip-prepare-environment``, so nothing is
-cloned or installed). ``SDWEBUI_PYTHON``: the webui venv's Python (default ``$SDWEBUI_PATH/venv/bin/python``).
+generative-models, k-diffusion, BLIP), or a Forge checkout (dfdcbab tested; ``repositories/huggingface_guess``,
+BLIP); the server is started with ``--skip-prepare-environment``, so nothing is cloned or installed, and Forge with
+``--always-cpu``. ``SDWEBUI_PYTHON``: the webui venv's Python (default ``$SDWEBUI_PATH/venv/bin/python``).
 The server (``sdwebui_server.py``) runs a tiny random-weight SD 1.x checkpoint written by ``sdwebui_tiny_ldm.py``,
 and the extension as a symlink into this checkout, which imports the library from the checkout (nothing installed,
 no ``PYTHONPATH``); a probe extension saves each generation's latents, so results are compared exactly.
-A Forge checkout is run by ``test_sd_webui_forge_live.py``.
 """
 import json
 import os
@@ -22,9 +22,11 @@ import sdwebui_server
 ROOT = os.environ.get('SDWEBUI_PATH')
 pytestmark = pytest.mark.skipif(not ROOT, reason='SDWEBUI_PATH (an A1111 checkout) is not set')
 
-# A1111 v1.10.1's k-diffusion samplers; DPM adaptive has no twin (docs/sd_webui.md says why)
+# A1111 v1.10.1's k-diffusion samplers, and the ones Forge adds; DPM adaptive has no twin (docs/sd_webui.md says why)
 SAMPLERS = ['DPM++ 2M', 'DPM++ SDE', 'DPM++ 2M SDE', 'DPM++ 2M SDE Heun', 'DPM++ 2S a', 'DPM++ 3M SDE', 'Euler a',
             'Euler', 'LMS', 'Heun', 'DPM2', 'DPM2 a', 'DPM fast', 'Restart']
+FORGE_SAMPLERS = ['HeunPP2', 'IPNDM', 'IPNDM_V', 'DEIS']
+FORGE = bool(ROOT) and sdwebui_server.is_forge(ROOT)
 BASE = {'prompt': 'a red cube on a blue sphere', 'negative_prompt': 'blurry', 'steps': 8, 'width': 64, 'height': 64,
         'seed': 1234, 'cfg_scale': 5.5, 'send_images': False, 'save_images': False}
 
@@ -44,9 +46,6 @@ class Server(sdwebui_server.Server):
 
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-    if os.path.isdir(os.path.join(ROOT, 'modules_forge')):
-        pytest.skip('SDWEBUI_PATH is Forge: its backend does not load the tiny LDM checkpoint; '
-                    'test_sd_webui_host.py runs its samplers')
     s = Server(ROOT, tmp_path_factory.mktemp('sdwebui'))
     yield s
     s.stop()
@@ -55,13 +54,16 @@ def server(tmp_path_factory):
 def test_the_sampler_list_has_a_twin_for_every_wrappable_sampler(server):
     code, samplers = server.request('/sdapi/v1/samplers')
     names = {s['name'] for s in samplers}
-    assert set(SAMPLERS) | {'DPM adaptive'} <= names
-    assert {'W2SD ' + s for s in SAMPLERS} <= names and 'W2SD DPM adaptive' not in names
+    twins = SAMPLERS + (FORGE_SAMPLERS if FORGE else [])
+    assert set(twins) | {'DPM adaptive'} <= names
+    assert {n for n in names if n.startswith('W2SD ')} == {'W2SD ' + s for s in twins}
     assert 'no "W2SD DPM adaptive" sampler: adaptive step size' in server.log_text()  # said at startup
 
 
-@pytest.mark.parametrize('sampler', SAMPLERS)
+@pytest.mark.parametrize('sampler', SAMPLERS + FORGE_SAMPLERS)
 def test_off_is_the_hosts_sampler_bit_for_bit(server, sampler):
+    if sampler in FORGE_SAMPLERS and not server.forge:
+        pytest.skip(f'{sampler} is a Forge sampler')
     code, info, host = server.txt2img(sampler)
     assert code == 200, info
     code, info, twin = server.txt2img('W2SD ' + sampler)
@@ -109,8 +111,9 @@ def test_prompt_pair_and_hires_fix(server):
     ([{'enabled': True, 'strength': 'strong'}], 'strength (Reflection strength) must be a finite number'),
     ([{'enabled': True, 'strength': 11}], 'W2SD: strength (Reflection strength) must be a finite number in [-10, 10]'),
     ([{'enabled': True, 'weak_cfg': 31}], 'W2SD: weak_cfg (Weak CFG) must be a finite number in [-5, 30]'),
-    ([{'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': 'x.safetensors'}], "weak='checkpoint' needs Forge"),
-    ([{'enabled': True, 'weak': 'lora'}], 'needs a LoRA in the prompt'),
+    ([{'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': 'x.safetensors'}],
+     "W2SD: Weak checkpoint 'x.safetensors' not found" if FORGE else "weak='checkpoint' needs Forge"),
+    ([{'enabled': True, 'weak': 'lora'}], "weak='lora' needs A1111" if FORGE else 'needs a LoRA in the prompt'),
     ([{'enabled': True, 'lamda': 3}], 'unknown settings'),
 ])
 def test_bad_settings_fail_the_generation_with_the_setting_named(server, settings, message):
