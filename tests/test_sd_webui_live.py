@@ -123,6 +123,19 @@ def test_bad_settings_fail_the_generation_with_the_setting_named(server, setting
     assert code == 200, info
 
 
+def test_forge_weak_checkpoint_runs_and_is_recorded(server):
+    if not server.forge:
+        pytest.skip("weak='checkpoint' is Forge's (A1111 refuses it: test_bad_settings_...)")
+    _, checkpoints = server.request('/sdapi/v1/sd-models')
+    title = checkpoints[0]['title']  # the loaded one as its own weak checkpoint: Forge loads it a second time
+    settings = [{'enabled': True, 'weak': 'checkpoint', 'weak_checkpoint': title, 'reflection_cfg': 1.0}]
+    code, info, on = server.txt2img('W2SD Euler', settings)
+    assert code == 200, info
+    _, _, off = server.txt2img('W2SD Euler')
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
+    assert 'W2SD: checkpoint' in info['infotexts'][0] and f'W2SD weak checkpoint: {title}' in info['infotexts'][0]
+
+
 def test_no_w2sd_settings_in_the_infotext_of_a_sampler_that_is_not_a_w2sd_twin(server):
     code, info, out = server.txt2img('Euler', [{'enabled': True}])
     assert code == 200 and 'W2SD' not in info['infotexts'][0]
