@@ -4,7 +4,8 @@ The library itself is the ``w2sd_samplers`` package (installed with pip as usual
 """
 import sys
 
-# ComfyUI imports its own modules before any custom node. Elsewhere (pytest collects this folder as a package)
-# there are no nodes to load, and the pack's ComfyUI imports would fail.
-if 'comfy' in sys.modules:
+# ComfyUI imports its own modules before any custom node, and loads the pack as a package. Elsewhere there are no
+# nodes to load: pytest collects this folder as a package, or, when the folder's name is not an identifier (a
+# clone named w2sd-samplers), imports this file as a plain module, where a relative import fails.
+if 'comfy' in sys.modules and __spec__ is not None and __spec__.submodule_search_locations is not None:
     from .wrappers.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: F401

@@ -1,6 +1,7 @@
 """The ComfyUI node pack's logic with small stand-ins for ComfyUI's objects (no ComfyUI needed)."""
 import importlib.util
 import pathlib
+import sys
 import types
 
 import pytest
@@ -80,6 +81,25 @@ def test_options_from_widgets():
             core.w2sd_options(**bad)
 
 
+@pytest.mark.parametrize('name, value', [('strength', float('nan')), ('strength', 11.), ('strength', -20),
+                                         ('lam', 10001), ('lam', True), ('reflections', 0), ('reflections', 2.),
+                                         ('strength', '1')])
+def test_widget_values_outside_the_widgets_range_name_that_range(name, value):
+    lo, hi = core.RANGES[name]
+    with pytest.raises(ValueError, match=rf'^W2SD: {name} must be .* in \[{lo:g}, {hi:g}\], got'):
+        core.w2sd_options(**{name: value})
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf'), '5', True])
+@pytest.mark.parametrize('name', ['strong_cfg', 'weak_cfg'])
+def test_a_cfg_that_is_not_a_finite_number_is_refused_before_sampling(name, value):
+    x, sigmas, main = setup()
+    model = Inpaint(CFGGuider(STRONG, UNCOND, 5.5))
+    with pytest.raises(ValueError, match=f'^W2SD: {name} must be a finite number'):
+        core.sample('euler', model, x, sigmas, main, disable=True, **{'strong_cfg': 5.5, 'weak_cfg': 0., name: value})
+    assert model.calls == []
+
+
 def test_roles_are_routed_through_model_with_the_same_extra_args_keys():
     x, sigmas, main = setup()
     model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
@@ -126,7 +146,10 @@ def test_role_model_options_copy_and_leave_the_callers_alone():
     with pytest.raises(ValueError, match='role'):
         core.role_model_options({}, 'medium')
     with pytest.raises(ValueError, match='unconditional'):
-        core.cfg_override(1.0)({'cond_denoised': c, 'uncond_denoised': None})
+        core.cfg_override(2.0)({'cond_denoised': c, 'uncond_denoised': None})
+    # CFG 1 is the conditional prediction itself: no negative needed, and the CFG-1 shortcut may stay on
+    assert core.cfg_override(1.0)({'cond_denoised': c, 'uncond_denoised': None, 'uncond': None}) is c
+    assert 'disable_cfg1_optimization' not in core.role_model_options({}, 'weak', 1.0)
 
 
 def test_errors_name_the_fix():
@@ -163,6 +186,13 @@ def test_missing_negative_is_an_error_not_a_blow_up():
     basic = Inpaint(CFGGuider(STRONG, None, 1.0))
     with pytest.raises(ValueError, match='no negative conditioning'):
         core.sample('euler', basic, x, sigmas, main, disable=True, strong_cfg=5.5, weak_cfg=0.)
+
+
+def test_legs_at_cfg_1_need_no_negative_so_the_anchored_identity_runs_under_a_basic_guider():
+    x, sigmas, main = setup()
+    basic = Inpaint(CFGGuider(STRONG, None, 1.0))
+    out = core.sample('euler', basic, x, sigmas, main, disable=True, strong_cfg=1., weak_cfg=1., form='anchored')
+    assert torch.equal(out, K_euler(x, sigmas))
 
 
 def test_cfg_source_auto_uses_a_w2sd_guider_and_sampler_overrides_it():
@@ -265,3 +295,33 @@ def test_ve_noise_samplers_refuse_flow_models(monkeypatch):
     with pytest.raises(ValueError, match='flow'):
         core.sample('dpmpp_2m_sde', Inpaint(guider), x, sigmas, main)
     assert torch.isfinite(core.sample('euler', Inpaint(guider), x, sigmas, main, disable=True)).all()
+
+
+def test_the_checkout_root_imported_as_a_plain_module_loads_no_nodes(monkeypatch):
+    """pytest imports the root ``__init__.py`` as a plain module when the checkout folder is named w2sd-samplers;
+    with ComfyUI imported (the live tests) it must not try the pack's relative import."""
+    monkeypatch.setitem(sys.modules, 'comfy', types.ModuleType('comfy'))
+    spec = importlib.util.spec_from_file_location('__init__', pathlib.Path(__file__).parents[1] / '__init__.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not hasattr(module, 'NODE_CLASS_MAPPINGS')
+
+
+def test_lms_denoises_at_its_step_into_sigma_0_as_comfyuis_lms_does():
+    """ComfyUI's sample_lms returns the denoised estimate when sigmas[i + 1] == 0 (k-diffusion's takes an LMS step
+    there): off is then ComfyUI's lms, and the reflected steps are those of the full schedule."""
+    x, sigmas, main = setup()
+    model = Inpaint(RoleGuider(main=STRONG, strong=STRONG, weak=WEAK))
+    off = core.sample('lms', model, x, sigmas, main, disable=True, strength=0.)
+    K = _kdiff.sampling()
+    before_last = K.sample_lms(STRONG, x, sigmas[:-1], disable=True)
+    assert torch.equal(off, STRONG(before_last, sigmas[-2] * before_last.new_ones([len(x)])))
+    steps = []
+    model.calls.clear()
+    on = core.sample('lms', model, x, sigmas, main, callback=lambda d: steps.append(d['i']), disable=True, lam=3)
+    assert steps == [0, 1, 2, 3, 4] and model.calls == ['strong', 'weak', 'main'] * 3 + ['main'] * 2
+    ref = sampling.sample_w2sd_lms(STRONG, x, sigmas[:-1], weak=WEAK, lam=3, disable=True)
+    assert torch.equal(on, STRONG(ref, sigmas[-2] * ref.new_ones([len(x)])))
+    # a schedule that does not end at 0 (SplitSigmas) is the twin's own
+    assert torch.equal(core.sample('lms', model, x, sigmas[:-1], main, disable=True),
+                       sampling.sample_w2sd_lms(STRONG, x, sigmas[:-1], weak=WEAK, disable=True))

@@ -3,7 +3,8 @@
 Runs when COMFYUI_PATH points to a ComfyUI checkout (its requirements and pytest installed in the Python that
 runs the tests, or in COMFYUI_PYTHON); skipped otherwise. The server loads a clone-style link to this repository
 from custom_nodes/ and a tiny SD1.5-shaped checkpoint with random weights (built here, no download), runs on CPU
-and is stopped by its PID.
+and is stopped by its PID. The pack's example workflows (``example_workflows/*.json``, ComfyUI's template
+format) are fetched from the server's template routes, turned into API prompts and run.
 """
 import json
 import os
@@ -38,11 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, SEED = 3, 7
 
 
+LORA_KEY = 'middle_block.1.transformer_blocks.0.attn2.to_k'
+
+
 def tiny_sd15_state_dict():
     """An SD1.5 checkpoint's keys and widths (ComfyUI detects SD1.5 from them: 320 channels, 768-wide context)
-    with one level, one res block and one transformer per block; the CLIP-L text encoder at full size (ComfyUI
-    builds it from a fixed config). Random weights."""
+    with one level, one res block and one transformer per block; the CLIP-L text encoder and the VAE at full size
+    (ComfyUI builds both from fixed configs). Random weights."""
     import comfy.ops
+    from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from transformers import CLIPTextConfig, CLIPTextModel
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +62,19 @@ def tiny_sd15_state_dict():
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                         hidden_act='quick_gelu'))
     sd.update({f'cond_stage_model.transformer.{k}': v for k, v in clip.state_dict().items()})
+    vae = AutoencoderKL(embed_dim=4, ddconfig={'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3,
+                                               'out_ch': 3, 'ch': 128, 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2,
+                                               'attn_resolutions': [], 'dropout': 0.0})
+    sd.update({f'first_stage_model.{k}': v for k, v in vae.state_dict().items()})
     return {k: v.to(torch.float16).contiguous() for k, v in sd.items()}
+
+
+def tiny_lora():
+    """A rank-2 LoRA on one attention projection of the tiny UNet, in the kohya key format."""
+    generator = torch.Generator().manual_seed(9)
+    name = 'lora_unet_' + LORA_KEY.replace('.', '_')
+    return {f'{name}.lora_up.weight': torch.randn(320, 2, generator=generator),
+            f'{name}.lora_down.weight': torch.randn(2, 768, generator=generator), f'{name}.alpha': torch.tensor(2.)}
 
 
 def free_port():
@@ -144,10 +161,11 @@ class Server:
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp('comfyui')
-    for folder in ('custom_nodes', 'models/checkpoints', 'input', 'output', 'user', 'temp'):
+    for folder in ('custom_nodes', 'models/checkpoints', 'models/loras', 'input', 'output', 'user', 'temp'):
         (base / folder).mkdir(parents=True)
     (base / 'custom_nodes' / 'w2sd-samplers').symlink_to(REPO, target_is_directory=True)  # a clone, as users do
     safetensors.torch.save_file(tiny_sd15_state_dict(), base / 'models' / 'checkpoints' / 'tiny_sd15.safetensors')
+    safetensors.torch.save_file(tiny_lora(), base / 'models' / 'loras' / 'tiny_lora.safetensors')
     server = Server(base)
     stats = server.get('/system_stats')['system']
     print('ComfyUI', stats.get('comfyui_version'), 'python', stats.get('python_version', '')[:6])
@@ -193,6 +211,10 @@ def test_the_server_offers_the_nodes_with_descriptions_and_tooltips(server):
     defaults = {name: {k: v[1].get('default') for k, v in info[name]['input']['required'].items()
                        if k in ('strong_cfg', 'weak_cfg')} for name in ('W2SDSampler', 'W2SDGuider', 'W2SDKSampler')}
     assert len({json.dumps(d, sort_keys=True) for d in defaults.values()}) == 1, defaults
+    # the main cfg's range is the stock KSampler's
+    stock_cfg = info['KSampler']['input']['required']['cfg'][1]
+    cfg = info['W2SDKSampler']['input']['required']['cfg'][1]
+    assert (cfg['min'], cfg['max']) == (stock_cfg['min'], stock_cfg['max'])
 
 
 @pytest.mark.parametrize('name', SAMPLER_NAMES)
@@ -259,16 +281,115 @@ def test_prompt_pair_through_the_w2sd_guider(server):
 
 
 @pytest.mark.parametrize('change, where', [
-    ({'sampler_name': 'uni_pc'}, 'sampler_name'),
+    ({'sampler_name': 'uni_pc'}, "sampler_name - W2SD: sampler_name 'uni_pc' cannot run with W2SD reflections: "
+                                 "multistep"),
+    ({'sampler_name': 'dpm_adaptive'}, 'it chooses its own step sizes'),
+    ({'sampler_name': 'euler_x'}, "sampler_name must be one of"),
     ({'lam': -2}, 'lam'),
     ({'form': 'mirror'}, 'form'),
+    ({'strength': 11.0}, 'strength'),
+    ({'cfg': -1.0}, 'cfg'),
 ])
 def test_bad_inputs_are_refused_before_running(server, change, where):
     workflow = {**base_workflow(), 'w2sd': {'class_type': 'W2SDKSampler',
                                             'inputs': {**ksampler('euler'), **w2sd_inputs(1.0), **change}},
                 'save': save('w2sd', 'bad')}
     prompt_id, error = server.queue(workflow)
-    assert prompt_id is None and where in json.dumps(error['node_errors']['w2sd'])
+    assert prompt_id is None and where in json.dumps(error['node_errors']['w2sd']), error
+
+
+def test_a_refused_samplers_reason_is_in_the_w2sd_samplers_validation_error(server):
+    inputs = sampler_inputs('uni_pc')
+    guider = {'class_type': 'CFGGuider', 'inputs': {'model': ['ckpt', 0], 'positive': ['pos', 0],
+                                                    'negative': ['neg', 0], 'cfg': 5.5}}
+    prompt_id, error = server.queue(custom_advanced(guider, inputs))
+    assert prompt_id is None
+    assert 'cannot run with W2SD reflections' in json.dumps(error['node_errors']['sampler']), error
+
+
+NAN = float('nan')
+
+
+@pytest.mark.parametrize('node, change', [
+    ('W2SDKSampler', {'cfg': NAN}), ('W2SDKSampler', {'cfg': NAN, 'strength': 0.0}),
+    ('W2SDKSampler', {'strong_cfg': NAN}), ('W2SDKSampler', {'weak_cfg': NAN}), ('W2SDKSampler', {'denoise': NAN}),
+    ('W2SDGuider', {'cfg': NAN}), ('W2SDGuider', {'strong_cfg': NAN}), ('W2SDGuider', {'weak_cfg': NAN}),
+    ('W2SDSampler', {'strong_cfg': NAN}), ('W2SDSampler', {'weak_cfg': NAN}),
+])
+def test_a_nan_in_a_number_widget_is_a_node_error_not_a_nan_latent(server, node, change):
+    """ComfyUI's own range check lets NaN through (JSON NaN parses; every comparison with it is false)."""
+    name = next(iter(change))
+    if node == 'W2SDKSampler':
+        workflow = {**base_workflow(), 'w2sd': {'class_type': 'W2SDKSampler',
+                                                'inputs': {**ksampler('euler'), **w2sd_inputs(1.0), **change}},
+                    'save': save('w2sd', 'nan')}
+    else:
+        guider = {'class_type': 'W2SDGuider', 'inputs': {'model': ['ckpt', 0], 'positive': ['pos', 0],
+                                                         'negative': ['neg', 0], 'cfg': 5.5, 'strong_cfg': 5.5,
+                                                         'weak_cfg': 0.0, 'weak_positive': ['weak', 0]}}
+        sampler = sampler_inputs(cfg_source='sampler')
+        if node == 'W2SDGuider':
+            guider['inputs'].update(change)
+        else:
+            sampler.update(change)
+        workflow = custom_advanced(guider, sampler)
+    prompt_id, error = server.queue(workflow)
+    assert error is None, error  # ComfyUI's validation passes it ...
+    message = error_message(server.wait(prompt_id))
+    assert f'W2SD: {name} must be a finite number in [' in message and ', got nan' in message  # ... the node not
+
+
+def test_anchored_legs_at_cfg_1_run_under_a_basic_guider(server):
+    """The anchored form with coinciding legs is the identity: allowed, and no negative is needed at CFG 1."""
+    guider = {'class_type': 'BasicGuider', 'inputs': {'model': ['ckpt', 0], 'conditioning': ['pos', 0]}}
+    anchored = {**sampler_inputs(), 'form': 'anchored', 'strong_cfg': 1.0, 'weak_cfg': 1.0}
+    on = server.latents(server.run(custom_advanced(guider, anchored)))['save']
+    off = server.latents(server.run(custom_advanced(guider, {**anchored, 'strength': 0.0})))['save']
+    assert torch.isfinite(on).all() and torch.equal(on, off)
+
+
+EXAMPLES = sorted(p.stem for p in (REPO / 'example_workflows').glob('*.json'))
+# What the examples leave to the user, set to this test's files and sizes.
+EXAMPLE_CHANGES = {'ckpt_name': 'tiny_sd15.safetensors', 'lora_name': 'tiny_lora.safetensors', 'width': 32,
+                   'height': 32, 'steps': STEPS}
+
+
+def api_prompt(workflow, object_info):
+    """The API prompt the frontend queues for a UI-format workflow: links become [node id, slot], widget values
+    fill the node's widget inputs in ``/object_info`` order (a seed's control_after_generate value is skipped)."""
+    links = {link[0]: link for link in workflow['links']}
+    prompt = {}
+    for node in workflow['nodes']:
+        spec = object_info[node['type']]['input']
+        linked = {i['name']: links[i['link']] for i in node['inputs'] if i.get('link') is not None}
+        values, inputs = iter(node['widgets_values']), {}
+        for name, (kind, *options) in {**spec['required'], **spec.get('optional', {})}.items():
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+            elif isinstance(kind, list) or kind in ('INT', 'FLOAT', 'STRING', 'BOOLEAN', 'COMBO'):
+                inputs[name] = EXAMPLE_CHANGES.get(name, next(values))
+                if options and options[0].get('control_after_generate'):
+                    assert next(values) in ('fixed', 'increment', 'decrement', 'randomize')
+        assert next(values, None) is None, f'{node["type"]}: widget values left over'
+        prompt[str(node['id'])] = {'class_type': node['type'], 'inputs': inputs}
+    return prompt
+
+
+def test_the_example_workflows_are_offered_as_templates(server):
+    assert len(EXAMPLES) == 3
+    assert sorted(server.get('/workflow_templates')['w2sd-samplers']) == EXAMPLES
+
+
+@pytest.mark.parametrize('name', EXAMPLES)
+def test_an_example_workflow_loads_and_runs(server, name):
+    workflow = server.get(f'/api/workflow_templates/w2sd-samplers/{name}.json')
+    assert workflow == json.loads((REPO / 'example_workflows' / f'{name}.json').read_text())
+    prompt = api_prompt(workflow, server.get('/object_info'))
+    assert {'W2SDKSampler', 'W2SDGuider', 'W2SDSampler'} & {n['class_type'] for n in prompt.values()}
+    entry = server.run(prompt)
+    assert entry['status']['status_str'] == 'success', entry['status']
+    images = [image for ui in entry['outputs'].values() for image in ui.get('images', [])]
+    assert len(images) == 1 and (server.base / 'output' / images[0]['subfolder'] / images[0]['filename']).is_file()
 
 
 def test_cfg_source_guider_without_a_w2sd_guider_fails_with_a_clear_error(server):

@@ -11,7 +11,7 @@ dfdcbab (``CFGDenoiser.forward`` replaces ``cond_scale`` by ``p.hr_cfg`` in the 
 import functools
 import inspect
 import os
-import shlex
+import re
 import shutil
 import subprocess
 import sys
@@ -254,7 +254,13 @@ def test_forge_without_uncond_only_allows_cfg_one():
     model = HostCFGDenoiser(p, forge=True)
     extra_args = {**conds(), 'uncond': None, 'cond_scale': 1.0}  # Forge skips the negative prompt at CFG 1
     w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True, 'weak_cfg': 0.0}))
-    with pytest.raises(ValueError, match='needs the negative prompt'):
+    # the message names the panel's control for the kind of weak model
+    with pytest.raises(ValueError, match="needs the negative prompt.*set the W2SD panel's Weak CFG to 1"):
+        host_sample(sampling.sample_w2sd_euler, model, X, SIGMAS, extra_args, w2sd=w2sd)
+    w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a cat',
+                                                   'reflection_cfg': 2.0}),
+                                weak_conds=([(10 ** 6, torch.tensor(0.0))], None))
+    with pytest.raises(ValueError, match="CFG 2 needs the negative prompt.*panel's Reflection CFG to 1"):
         host_sample(sampling.sample_w2sd_euler, model, X, SIGMAS, extra_args, w2sd=w2sd)
     assert extra_args['uncond'] is None and model.step == 0
     w2sd = roles.sampler_kwargs(model, opts.parse({'enabled': True, 'weak': 'prompt', 'weak_prompt': 'a cat'}),
@@ -415,7 +421,13 @@ def test_parse_positional_and_api_dict():
 
 @pytest.mark.parametrize('bad, match', [
     ({'weak': 'unet'}, 'weak must be one of'),
-    ({'weak_cfg': float('nan')}, 'weak_cfg must be a finite number'),
+    ({'weak_cfg': float('nan')}, r'weak_cfg \(Weak CFG\) must be a finite number in \[-5, 30\], got nan'),
+    # the sliders' ranges hold over the API too
+    ({'strength': 11.0}, r'strength \(Reflection strength\) must be a finite number in \[-10, 10\]'),
+    ({'strength': float('inf')}, r'strength .* in \[-10, 10\]'),
+    ({'weak_lora': -4.5}, r'weak_lora .* in \[-4, 4\]'),
+    ({'reflection_cfg': -1}, r'reflection_cfg .* in \[0, 30\]'),
+    ({'weak_cfg': '5'}, 'weak_cfg .* finite number'),
     ({'lam': 2.5}, 'lam'),
     ({'lam': -2}, 'lam'),
     # API clients send strings and numbers where the UI sends booleans; "false" must not switch W2SD on.
@@ -431,7 +443,7 @@ def test_parse_positional_and_api_dict():
     ({'lamda': 3}, 'unknown settings'),
 ])
 def test_parse_rejects_bad_values(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match='^W2SD: .*' + match):
         opts.parse(bad)
 
 
@@ -474,6 +486,28 @@ def test_infotext_round_trip(settings):
     assert opts.parse(opts.from_infotext({k: str(v) for k, v in params.items()})) == o
 
 
+@pytest.mark.parametrize('params, reason', [
+    ({'W2SD': 'cfg', 'W2SD lambda': '2.7'}, "infotext W2SD lambda: '2.7' is not a whole number"),
+    ({'W2SD': 'cfg', 'W2SD strength': '50'}, r'strength \(Reflection strength\) must be a finite number in'),
+    ({'W2SD': 'unet'}, 'weak must be one of'),
+    ({'W2SD': 'checkpoint', 'W2SD weak checkpoint': 'b.safetensors'}, "'checkpoint' is not a weak model A1111"),
+])
+def test_a_pasted_infotext_the_panel_cannot_run_switches_w2sd_off_and_says_why(params, reason):
+    values, message = opts.pasted(params)
+    assert values == {n: getattr(opts.DEFAULTS, n) for n in opts.ARGS} and not values['enabled']
+    assert message.startswith('W2SD: the pasted infotext was not applied') and 'W2SD is off' in message
+    assert re.search(reason, message), message
+
+
+def test_a_pasted_infotext_fills_the_panel_on_the_host_that_offers_its_weak_model():
+    lora = {'W2SD': 'lora', 'W2SD weak LoRA': '-2.0', 'W2SD lambda': '12'}
+    values, message = opts.pasted(lora)
+    assert message == '' and values['enabled'] and values['weak_lora'] == -2.0 and values['lam'] == 12
+    assert 'is not a weak model Forge offers' in opts.pasted(lora, 'Forge')[1]
+    assert opts.pasted({'W2SD': 'checkpoint', 'W2SD weak checkpoint': 'b.safetensors'}, 'Forge')[1] == ''
+    assert opts.pasted({'Steps': '20'}) == ({n: getattr(opts.DEFAULTS, n) for n in opts.ARGS}, '')
+
+
 def test_infotext_only_for_enabled_runs_and_relevant_keys():
     assert opts.infotext(opts.parse({'weak': 'prompt'})) == {}
     params = opts.infotext(opts.parse({'enabled': True, 'weak_cfg': 1.0}))
@@ -499,53 +533,66 @@ def test_cond_request_first_pass_and_hires():
                                              {'lora': 2})
 
 
-# --- install.py ---------------------------------------------------------------------------------------------
+# --- install.py and the library's source --------------------------------------------------------------------
 
-def load_install(monkeypatch, installed):
+def run_install(monkeypatch, environ, installed=False, extension=None):
     pips = []
-    launch = types.SimpleNamespace(is_installed=lambda name: installed, run_pip=lambda cmd, desc: pips.append(cmd))
-    monkeypatch.setitem(sys.modules, 'launch', launch)
+    monkeypatch.setitem(sys.modules, 'launch', types.SimpleNamespace(is_installed=None, run_pip=None))
     path = os.path.join(os.path.dirname(__file__), '..', 'wrappers', 'sd_webui', 'install.py')
     namespace = {'__file__': path, '__name__': 'w2sd_install'}
     with open(path) as f:
-        exec(compile(f.read(), path, 'exec'), namespace)
-    return namespace, pips
+        source = f.read().rsplit('\ninstall(', 1)[0]  # the module without its last line, the call
+    exec(compile(source, path, 'exec'), namespace)
+    namespace['install'](extension or namespace['HERE'], environ, lambda cmd, desc: pips.append(cmd),
+                         lambda name: installed)
+    return pips
 
 
-def test_install_uses_the_checkout_the_extension_lives_in(monkeypatch, tmp_path):
-    monkeypatch.delenv('W2SD_SAMPLERS_SPEC', raising=False)
-    ns, pips = load_install(monkeypatch, installed=False)
-    # Run from inside the checkout: one pip call, without dependencies, from a temporary copy that is gone after.
-    assert len(pips) == 1 and pips[0].startswith('install --no-deps "') and 'w2sd-install-' in pips[0]
-    assert not os.path.exists(pips[0].split('"')[1])
-    repo = os.path.realpath(os.path.join(os.path.dirname(__file__), '..'))
+def test_install_needs_no_pip_for_a_checkout_so_it_works_offline(monkeypatch, tmp_path, capsys):
+    assert run_install(monkeypatch, {}) == []  # the extension inside this checkout
     link = tmp_path / 'w2sd'
-    link.symlink_to(os.path.join(repo, 'wrappers', 'sd_webui'))
-    assert ns['requirement'](str(link), {}) == repo
-    assert ns['requirement'](str(tmp_path), {'W2SD_SAMPLERS_SPEC': '/src/w2sd'}) == '/src/w2sd'
-    # A copied extension has no library next to it, and w2sd-samplers is on no package index: say what to do.
-    with pytest.raises(RuntimeError, match='W2SD_SAMPLERS_SPEC'):
-        ns['requirement'](str(tmp_path / 'extensions' / 'w2sd'), {})
-    _, pips = load_install(monkeypatch, installed=True)
-    assert pips == []
+    link.symlink_to(os.path.join(REPO, 'wrappers', 'sd_webui'))
+    assert run_install(monkeypatch, {}, extension=str(link)) == []
+    copied = tmp_path / 'extensions' / 'w2sd'
+    copied.mkdir(parents=True)
+    assert run_install(monkeypatch, {'W2SD_SAMPLERS_SPEC': REPO}, extension=str(copied)) == []
+    # a wheel (or another pip spec): installed once, without dependencies
+    wheel = {'W2SD_SAMPLERS_SPEC': '/wheels/w2sd_samplers-0.1.0-py3-none-any.whl'}
+    assert run_install(monkeypatch, wheel, extension=str(copied)) == [
+        'install --no-deps "/wheels/w2sd_samplers-0.1.0-py3-none-any.whl"']
+    assert run_install(monkeypatch, wheel, installed=True, extension=str(copied)) == []
+    # neither: say what to do (w2sd-samplers is on no package index)
+    assert run_install(monkeypatch, {}, extension=str(copied)) == []
+    assert 'W2SD_SAMPLERS_SPEC' in capsys.readouterr().out
 
 
-def test_install_leaves_no_build_files_in_the_checkout(monkeypatch, tmp_path):
-    repo = os.path.join(os.path.dirname(__file__), '..')
-    src = tmp_path / 'checkout'
-    src.mkdir()
-    for name in ('pyproject.toml', 'README.md', 'LICENSE', 'NOTICE'):
-        shutil.copy(os.path.join(repo, name), src)
-    shutil.copytree(os.path.join(repo, 'w2sd_samplers'), src / 'w2sd_samplers',
-                    ignore=shutil.ignore_patterns('__pycache__'))
-    before = sorted(str(p.relative_to(src)) for p in src.rglob('*'))
-    ns, _ = load_install(monkeypatch, installed=True)
-    target = tmp_path / 'site-packages'
+REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), '..'))
+IMPORT = """
+import sys
+sys.path.insert(0, {ext!r})
+from w2sd_sdwebui import library
+library.load({ext!r}, {environ!r})
+import w2sd_samplers.sampling
+print(w2sd_samplers.__file__)
+print(sorted(m for m in ('tests', 'benchmarks', 'wrappers') if __import__('importlib').util.find_spec(m)))
+"""
 
-    def run_pip(command, desc):  # a real pip build, into a folder instead of the webui's venv
-        subprocess.run([sys.executable, '-m', 'pip', *shlex.split(command), '--no-build-isolation', '--no-index',
-                        '--quiet', '--target', str(target)], check=True)
 
-    ns['install_spec'](str(src), run_pip)
-    assert (target / 'w2sd_samplers' / 'sampling.py').is_file()
-    assert sorted(str(p.relative_to(src)) for p in src.rglob('*')) == before  # no build/, no *.egg-info
+def test_the_script_imports_the_library_from_the_checkout_without_installing_it(tmp_path):
+    link = tmp_path / 'extensions' / 'w2sd'
+    link.parent.mkdir()
+    link.symlink_to(os.path.join(REPO, 'wrappers', 'sd_webui'))
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    # -I: no PYTHONPATH, no current folder, no user site: only the venv, where w2sd-samplers is installed
+    # editable from /work/main (another checkout); the extension's own checkout wins
+    out = subprocess.run([sys.executable, '-I', '-c', IMPORT.format(ext=str(link), environ={})], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines == [os.path.join(REPO, 'w2sd_samplers', '__init__.py'), '[]']
+    copied = tmp_path / 'copied'
+    shutil.copytree(os.path.join(REPO, 'wrappers', 'sd_webui', 'w2sd_sdwebui'), copied / 'w2sd_sdwebui')
+    code = IMPORT.format(ext=str(copied), environ={}).replace('import w2sd_samplers.sampling\n', '')
+    out = subprocess.run([sys.executable, '-I', '-S', '-c', code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and 'is not inside a w2sd-samplers checkout' in out.stderr

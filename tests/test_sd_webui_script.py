@@ -81,7 +81,7 @@ host = types.SimpleNamespace()
 
 class Component:
     def __init__(self, *args, value=None, **kwargs):
-        self.value, self.kwargs = value, kwargs
+        self.args, self.value, self.kwargs = args, value, kwargs
 
 
 class Accordion:
@@ -96,7 +96,8 @@ class Accordion:
 
 
 class Script:
-    pass
+    def elem_id(self, item_id):
+        return f'script_txt2img_w2sd_{item_id}'
 
 
 class Processing(types.SimpleNamespace):
@@ -128,7 +129,7 @@ def script(monkeypatch):
              ('Heun', 'sample_heun', ['k_heun'], {'second_order': True})]
     stubs = {
         'gradio': types.SimpleNamespace(Accordion=Accordion, Checkbox=Component, Radio=Component, Slider=Component,
-                                        Textbox=Component, Dropdown=Component),
+                                        Textbox=Component, Dropdown=Component, HTML=Component),
         'modules': types.ModuleType('modules'),
         'modules.scripts': types.SimpleNamespace(Script=Script, AlwaysVisible=object()),
         'modules.sd_models': types.SimpleNamespace(checkpoint_tiles=lambda: ['b.safetensors', 'a.safetensors'],
@@ -174,12 +175,44 @@ def test_ui_controls_follow_args_and_paste_back(script):
     module, _ = script
     s = module.W2SDScript()
     controls = s.ui(False)
-    from w2sd_sdwebui import options
-    assert [c.value for c in controls] == [getattr(options.DEFAULTS, n) for n in options.ARGS]
-    assert [c for c, _ in s.infotext_fields] == controls
+    assert [c.value for c in controls] == UI_DEFAULTS
+    message = s.infotext_fields[-1][0]
+    assert [c for c, _ in s.infotext_fields] == controls + [message] and message not in controls
     pasted = [paste({'W2SD': 'prompt', 'W2SD weak prompt': 'a dog', 'W2SD lambda': '7'})
               for _, paste in s.infotext_fields]
-    assert pasted[:2] == [True, 'prompt'] and pasted[3] == 'a dog' and pasted[options.ARGS.index('lam')] == 7
+    assert pasted[:2] == [True, 'prompt'] and pasted[3] == 'a dog' and pasted[opts.ARGS.index('lam')] == 7
+    assert pasted[-1] == ''  # the message area is cleared
+    # an invalid value: every control back at its default (W2SD off), and the reason in the message area
+    pasted = [paste({'W2SD': 'prompt', 'W2SD weak prompt': 'a dog', 'W2SD lambda': '2.7'})
+              for _, paste in s.infotext_fields]
+    assert pasted[:-1] == UI_DEFAULTS
+    assert pasted[-1].startswith('W2SD: the pasted infotext was not applied') and 'W2SD lambda: &#x27;2.7&#x27;' in \
+        pasted[-1]
+
+
+@pytest.mark.parametrize('forge', [False, True])
+def test_the_panel_offers_the_weak_models_of_its_host(script, monkeypatch, forge):
+    module, _ = script
+    if forge:
+        monkeypatch.setitem(sys.modules, 'modules_forge', types.ModuleType('modules_forge'))
+    controls = dict(zip(opts.ARGS, module.W2SDScript().ui(False)))
+    kinds = controls['weak'].args[0]
+    assert kinds == (['cfg', 'prompt', 'checkpoint'] if forge else ['cfg', 'prompt', 'lora'])
+    assert controls['weak_checkpoint'].kwargs['visible'] is forge
+    assert controls['weak_lora'].kwargs['visible'] is controls['lora_names'].kwargs['visible'] is (not forge)
+    assert controls['strength'].args == opts.RANGES['strength'] == (-10., 10.)  # the API's range
+
+
+@pytest.mark.parametrize('sampler, hires, written', [
+    ('Euler', None, False), ('W2SD Euler', None, True), ('Euler', 'W2SD Euler', True),
+    ('W2SD Euler', 'Use same sampler', True), ('Euler', 'Use same sampler', False)])
+def test_the_infotext_has_w2sd_settings_only_when_a_w2sd_sampler_runs(script, capsys, sampler, hires, written):
+    module, _ = script
+    p = make_p(sampler_name=sampler, enable_hr=hires is not None)
+    p.hr_sampler_name = hires
+    module.W2SDScript().process(p, {'enabled': True})
+    assert ('W2SD' in p.extra_generation_params) is written
+    assert ('W2SD: enabled, but no "W2SD ..." sampler' in capsys.readouterr().out) is not written
 
 
 def test_process_and_sampling_with_a_weak_prompt(script):

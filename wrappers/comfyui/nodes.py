@@ -8,8 +8,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from .core import (CFG_SOURCES, FORMS, INPAINT_OPTIONS, REFUSED, ROLE_KEY, SAMPLER_NAMES, WEAK_SIGMAS,
-                   sampler_function, w2sd_options)
+from .core import (CFG_SOURCES, FORMS, INPAINT_OPTIONS, RANGES, REFUSED, ROLE_KEY, SAMPLER_NAMES, WEAK_SIGMAS,
+                   check_number, check_sampler_name, sampler_function, w2sd_options)
 
 # The categories of ComfyUI's own sampling nodes: "model/sampling" (KSampler), ".../samplers" and ".../guiders"
 # since 2026; "sampling" and "sampling/custom_sampling/..." before. ComfyUI has imported its nodes.py by now.
@@ -19,10 +19,27 @@ CUSTOM_SAMPLING = SAMPLING if SAMPLING.startswith('model/') else SAMPLING + '/cu
 LATENT_RATIO_KEYS = ('downscale_ratio_spacial', 'downscale_ratio_temporal')
 
 STRONG_CFG, WEAK_CFG = 5.5, 0.0  # the CFG pair (Z-Sampling): works with any guider that has a negative
-CFG = {'min': -100.0, 'max': 100.0, 'step': 0.1, 'round': 0.01}
+CFG = {'step': 0.1, 'round': 0.01}
 SAMPLER_TOOLTIP = ('base sampler; each reflected step reflects the latent, then takes this sampler\'s step. '
                    'Not offered: ' + ', '.join(sorted(REFUSED)) + ' (multistep without a W2SD twin yet, or their '
                    'own schedule: see docs/comfyui.md)')
+
+
+def number(name, **extra):
+    """A numeric widget's options with its ``RANGES`` entry (the range ``check_number`` holds it to)."""
+    lo, hi = RANGES[name]
+    return {'min': lo, 'max': hi, **extra}
+
+
+def validate_sampler_name(cls, sampler_name=None):
+    """``VALIDATE_INPUTS``: a refused or unknown sampler's reason in ComfyUI's validation error (instead of its
+    bare "Value not in list"). ``None``: the value comes over a link; the node function checks it then."""
+    try:
+        if sampler_name is not None:
+            check_sampler_name(sampler_name)
+    except ValueError as e:
+        return str(e)
+    return True
 STRONG_TOOLTIP = 'CFG of the reflection\'s strong leg'
 WEAK_TOOLTIP = ('CFG of the reflection\'s weak leg. With a plain CFG guider the weak leg differs from the strong '
                 'one only by this CFG (paper, Z-Sampling: strong 5.5, weak 0); with weak conds use 1.0 for both')
@@ -30,17 +47,17 @@ WEAK_TOOLTIP = ('CFG of the reflection\'s weak leg. With a plain CFG guider the 
 
 def reflection_inputs():
     return {
-        'lam': ('INT', {'default': -1, 'min': -1, 'max': 10000,
-                        'tooltip': 'reflect the first lam steps (the noisiest); -1 = every step but the last '
-                                   '(the paper)'}),
-        'strength': ('FLOAT', {'default': 1.0, 'min': -10.0, 'max': 10.0, 'step': 0.05,
-                               'tooltip': 'scales the reflection; 1 = the paper, 0 = the base sampler unchanged'}),
+        'lam': ('INT', number('lam', default=-1,
+                              tooltip='reflect the first lam steps (the noisiest); -1 = every step but the last '
+                                      '(the paper), and so is any lam of the step count or more')),
+        'strength': ('FLOAT', number('strength', default=1.0, step=0.05,
+                                     tooltip='scales the reflection; 1 = the paper, 0 = the base sampler unchanged')),
         'weak_sigma': (list(WEAK_SIGMAS), {'tooltip': 'noise level of the weak inversion: current (the paper) or '
                                                       'next (textbook inversion)'}),
         'form': (list(FORMS), {'tooltip': 'paper: strong denoising step, then weak inversion; anchored: both legs '
                                           'at the current latent (the identity when weak equals strong)'}),
-        'reflections': ('INT', {'default': 1, 'min': 1, 'max': 10,
-                                'tooltip': 'reflections per reflected step (1 = the paper)'}),
+        'reflections': ('INT', number('reflections', default=1,
+                                      tooltip='reflections per reflected step (1 = the paper)')),
     }
 
 
@@ -74,6 +91,8 @@ class W2SDGuider(comfy.samplers.CFGGuider):
 
 
 def make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg):
+    for name, value in (('cfg', cfg), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
+        check_number(name, value)
     guider = W2SDGuider(model)
     guider.set_conds(positive, negative, weak_positive, weak_negative)
     guider.set_cfg(cfg, strong_cfg, weak_cfg)
@@ -88,10 +107,11 @@ def make_sampler(sampler_name, options):
 def guider_inputs():
     """The W2SD Guider's inputs, shared with the W2SD KSampler."""
     return {
-        'cfg': ('FLOAT', {'default': 5.5, **CFG, 'tooltip': 'CFG of the main step (the base sampler\'s own call)'}),
-        'strong_cfg': ('FLOAT', {'default': STRONG_CFG, **CFG, 'tooltip': STRONG_TOOLTIP + ', on positive / '
-                                 'negative'}),
-        'weak_cfg': ('FLOAT', {'default': WEAK_CFG, **CFG, 'tooltip': WEAK_TOOLTIP}),
+        'cfg': ('FLOAT', number('cfg', default=5.5, **CFG,
+                                tooltip='CFG of the main step (the base sampler\'s own call)')),
+        'strong_cfg': ('FLOAT', number('strong_cfg', default=STRONG_CFG, **CFG,
+                                       tooltip=STRONG_TOOLTIP + ', on positive / negative')),
+        'weak_cfg': ('FLOAT', number('weak_cfg', default=WEAK_CFG, **CFG, tooltip=WEAK_TOOLTIP)),
     }
 
 
@@ -120,13 +140,15 @@ class W2SDSamplerNode:
                 'tooltip': 'CFG of the reflection legs. auto: a connected W2SD Guider\'s strong/weak conds and '
                            'CFG, else strong_cfg / weak_cfg below; sampler: strong_cfg / weak_cfg below, also '
                            'over a W2SD Guider\'s (its weak conds are kept); guider: a W2SD Guider\'s only'}),
-            'strong_cfg': ('FLOAT', {'default': STRONG_CFG, **CFG,
-                                     'tooltip': STRONG_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
-                                                'Guider)'}),
-            'weak_cfg': ('FLOAT', {'default': WEAK_CFG, **CFG,
-                                   'tooltip': WEAK_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
-                                              'Guider)'}),
+            'strong_cfg': ('FLOAT', number('strong_cfg', default=STRONG_CFG, **CFG,
+                                           tooltip=STRONG_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
+                                                   'Guider)')),
+            'weak_cfg': ('FLOAT', number('weak_cfg', default=WEAK_CFG, **CFG,
+                                         tooltip=WEAK_TOOLTIP + ' (cfg_source sampler, or auto without a W2SD '
+                                                 'Guider)')),
         }}
+
+    VALIDATE_INPUTS = classmethod(validate_sampler_name)
 
     RETURN_TYPES = ('SAMPLER',)
     OUTPUT_TOOLTIPS = ('the W2SD sampler',)
@@ -136,7 +158,9 @@ class W2SDSamplerNode:
     def get_sampler(self, sampler_name, lam, strength, weak_sigma, form, reflections, cfg_source, strong_cfg,
                     weak_cfg):
         if cfg_source not in CFG_SOURCES:
-            raise ValueError(f'cfg_source must be one of {CFG_SOURCES}, got {cfg_source!r}')
+            raise ValueError(f'W2SD: cfg_source must be one of {CFG_SOURCES}, got {cfg_source!r}')
+        for name, value in (('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
+            check_number(name, value)
         options = dict(w2sd_options(lam, strength, weak_sigma, form, reflections), cfg_source=cfg_source,
                        strong_cfg=strong_cfg, weak_cfg=weak_cfg)
         return (make_sampler(sampler_name, options),)
@@ -193,12 +217,13 @@ class W2SDKSamplerNode:
             'positive': ('CONDITIONING', {'tooltip': 'positive of the main step and the strong leg'}),
             'negative': ('CONDITIONING', {'tooltip': 'negative of the main step and the strong leg'}),
             'latent_image': ('LATENT', {'tooltip': 'the latent image to denoise'}),
-            'denoise': ('FLOAT', {'default': 1.0, 'min': 0.0, 'max': 1.0, 'step': 0.01,
-                                  'tooltip': 'the amount of denoising; lower keeps more of the input latent'}),
+            'denoise': ('FLOAT', number('denoise', default=1.0, step=0.01,
+                                        tooltip='the amount of denoising; lower keeps more of the input latent')),
             **{k: v for k, v in guider_inputs().items() if k != 'cfg'},
             **reflection_inputs(),
         }, 'optional': weak_cond_inputs()}
 
+    VALIDATE_INPUTS = classmethod(validate_sampler_name)
     RETURN_TYPES = ('LATENT',)
     OUTPUT_TOOLTIPS = ('the denoised latent',)
     FUNCTION = 'sample'
@@ -207,6 +232,7 @@ class W2SDKSamplerNode:
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
                strong_cfg, weak_cfg, lam, strength, weak_sigma, form, reflections, weak_positive=None,
                weak_negative=None):
+        check_number('denoise', denoise)
         guider = make_guider(model, positive, negative, weak_positive, weak_negative, cfg, strong_cfg, weak_cfg)
         sampler = make_sampler(sampler_name, w2sd_options(lam, strength, weak_sigma, form, reflections))
         # ComfyUI's KSampler computes the schedule (denoise, and the dropped penultimate sigma of dpm_2*)

@@ -3,6 +3,7 @@
 Thin glue over the host: the logic lives in ``w2sd_sdwebui`` (tested with stand-ins) and the sampling math in
 ``w2sd_samplers``. Read against A1111 v1.10 / dev and Forge ``dfdcbab``.
 """
+import html
 import os
 import sys
 
@@ -14,11 +15,11 @@ _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-try:
-    from w2sd_samplers.reflect import WEAK_SIGMAS  # noqa: E402
-except ImportError as e:
-    raise ImportError('W2SD: the w2sd-samplers library is not installed in the webui\'s venv; the extension\'s '
-                      'install.py says why in the startup log (see docs/sd_webui.md, Install)') from e
+from w2sd_sdwebui import library  # noqa: E402
+
+library.load(_root, os.environ)
+
+from w2sd_samplers.reflect import WEAK_SIGMAS  # noqa: E402
 from w2sd_sdwebui import options as w2sd_options, passes, registry, roles  # noqa: E402
 
 
@@ -106,28 +107,36 @@ class W2SDScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        d = w2sd_options.DEFAULTS
+        d, ranges = w2sd_options.DEFAULTS, w2sd_options.RANGES
+        host = 'Forge' if 'modules_forge' in sys.modules else 'A1111'
+        forge = host == 'Forge'
+
+        def control(component, name, *args, note='', **kwargs):
+            return component(*args, value=getattr(d, name), label=w2sd_options.LABELS[name] + note,
+                             elem_id=self.elem_id(name), **kwargs)
+
         with gr.Accordion('W2SD: Weak-to-Strong Diffusion (use with a "W2SD ..." sampler)', open=False):
-            enabled = gr.Checkbox(value=d.enabled, label='Enable')
-            weak = gr.Radio(list(w2sd_options.KINDS), value=d.weak, label='Weak model')
-            weak_cfg = gr.Slider(-5.0, 30.0, value=d.weak_cfg, step=0.5, label='Weak CFG (weak model = cfg)')
-            weak_prompt = gr.Textbox(value=d.weak_prompt, lines=2, label='Weak prompt (weak model = prompt)')
-            weak_negative_prompt = gr.Textbox(value=d.weak_negative_prompt, lines=1,
-                                              label='Weak negative prompt (empty: the main one)')
-            weak_lora = gr.Slider(-4.0, 4.0, value=d.weak_lora, step=0.05,
-                                  label='Weak LoRA multiplier (weak model = lora; A1111)')
-            lora_names = gr.Textbox(value=d.lora_names, label='LoRA names, comma-separated (empty: all loaded)')
-            weak_checkpoint = gr.Dropdown([''] + sorted(sd_models.checkpoint_tiles()), value=d.weak_checkpoint,
-                                          label='Weak checkpoint (weak model = checkpoint; Forge, .safetensors)')
-            reflection_cfg = gr.Slider(0.0, 30.0, value=d.reflection_cfg, step=0.5,
-                                       label='Reflection CFG (both legs; prompt, lora, checkpoint)')
-            lam = gr.Slider(-1, 150, value=d.lam, step=1, label='Reflected steps lambda (-1: all but the last)')
-            strength = gr.Slider(0.0, 2.0, value=d.strength, step=0.05, label='Reflection strength')
-            weak_sigma = gr.Radio(list(WEAK_SIGMAS), value=d.weak_sigma, label='Weak sigma')
-        controls = [enabled, weak, weak_cfg, weak_prompt, weak_negative_prompt, weak_lora, lora_names,
-                    weak_checkpoint, reflection_cfg, lam, strength, weak_sigma]
-        self.infotext_fields = [(c, lambda params, name=name: w2sd_options.from_infotext(params)[name])
+            controls = [
+                control(gr.Checkbox, 'enabled'),
+                control(gr.Radio, 'weak', list(w2sd_options.HOST_KINDS[host])),
+                control(gr.Slider, 'weak_cfg', *ranges['weak_cfg'], step=0.5, note=' (weak model = cfg)'),
+                control(gr.Textbox, 'weak_prompt', lines=2, note=' (weak model = prompt)'),
+                control(gr.Textbox, 'weak_negative_prompt', lines=1, note=' (empty: the main one)'),
+                control(gr.Slider, 'weak_lora', *ranges['weak_lora'], step=0.05, visible=not forge,
+                        note=' (weak model = lora)'),
+                control(gr.Textbox, 'lora_names', visible=not forge, note=', comma-separated (empty: all loaded)'),
+                control(gr.Dropdown, 'weak_checkpoint', [''] + (sorted(sd_models.checkpoint_tiles()) if forge else []),
+                        visible=forge, note=' (weak model = checkpoint, .safetensors)'),
+                control(gr.Slider, 'reflection_cfg', *ranges['reflection_cfg'], step=0.5,
+                        note=' (both legs; weak model = prompt, ' + ('checkpoint)' if forge else 'lora)')),
+                control(gr.Slider, 'lam', -1, w2sd_options.LAM_SLIDER_MAX, step=1, note=' (-1: all but the last)'),
+                control(gr.Slider, 'strength', *ranges['strength'], step=0.05),
+                control(gr.Radio, 'weak_sigma', list(WEAK_SIGMAS)),
+            ]
+            message = gr.HTML(value='', elem_id=self.elem_id('message'))  # what a pasted infotext could not apply
+        self.infotext_fields = [(c, lambda params, name=name: w2sd_options.pasted(params, host)[0][name])
                                 for name, c in zip(w2sd_options.ARGS, controls)]
+        self.infotext_fields.append((message, lambda params: html.escape(w2sd_options.pasted(params, host)[1])))
         self.paste_field_names = [w2sd_options.KEY, *w2sd_options.KEYS.values()]
         return controls
 
@@ -151,9 +160,11 @@ class W2SDScript(scripts.Script):
         p.w2sd_options = options
         if not options.enabled:
             return
+        if not any(map(registry.is_w2sd, passes.sampler_names(p))):
+            print('W2SD: enabled, but no "W2SD ..." sampler is selected: nothing reflects, and the infotext gets '
+                  'no W2SD settings')
+            return
         p.extra_generation_params.update(w2sd_options.infotext(options))
-        if not any(registry.is_w2sd(n) for n in (p.sampler_name, getattr(p, 'hr_sampler_name', None))):
-            print('W2SD is enabled but no "W2SD ..." sampler is selected: nothing to reflect.')
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         options = getattr(p, 'w2sd_options', None)

@@ -1,18 +1,20 @@
 """The W2SD script's settings: parsing and validation of UI/API values, infotext and paste-back.
 
 The script's ``ui()`` returns one component per name in ``ARGS``, in that order; the webui passes their values
-positionally to ``process()`` and the API fills them from ``alwayson_scripts: {"w2sd": {"args": [...]}}``.
-The API may instead send one dict (``"args": [{"enabled": true, "weak": "prompt", ...}]``); names it leaves out
-take their defaults.
+positionally to ``process()``. API clients send one dict (``alwayson_scripts: {"W2SD": {"args": [{"enabled": true,
+"weak": "prompt", ...}]}}``); names it leaves out take their defaults. A positional list also reaches ``process()``,
+but the host pads a short one with the panel's defaults and cuts a long one to ``len(ARGS)`` before the script
+sees it, so a list in the wrong order or length cannot be caught here (docs/sd_webui.md, API).
 """
 import dataclasses
 import math
 
-from w2sd_samplers.reflect import check_options, finite_number
+from w2sd_samplers.reflect import WEAK_SIGMAS, finite_number
 
 # cfg: the same model at a lower CFG (paper Table 4 pairs CFG 5.5 with CFG 0). prompt: another prompt.
 # lora: the loaded LoRAs at another multiplier (A1111 only). checkpoint: a second checkpoint (Forge only).
 KINDS = ('cfg', 'prompt', 'lora', 'checkpoint')
+HOST_KINDS = {'A1111': ('cfg', 'prompt', 'lora'), 'Forge': ('cfg', 'prompt', 'checkpoint')}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +39,25 @@ class Options:
 
 ARGS = tuple(f.name for f in dataclasses.fields(Options))
 DEFAULTS = Options()
+# The panel's labels, which messages name.
+LABELS = {
+    'enabled': 'Enable', 'weak': 'Weak model', 'weak_cfg': 'Weak CFG', 'weak_prompt': 'Weak prompt',
+    'weak_negative_prompt': 'Weak negative prompt', 'weak_lora': 'Weak LoRA multiplier', 'lora_names': 'LoRA names',
+    'weak_checkpoint': 'Weak checkpoint', 'reflection_cfg': 'Reflection CFG', 'lam': 'Reflected steps lambda',
+    'strength': 'Reflection strength', 'weak_sigma': 'Weak sigma',
+}
+# The numeric settings' ranges: the panel's sliders have these, and UI and API values are held to them (_number).
+# lam: -1 or any count over the API (a count of the steps or more is the same as -1); its slider ends at 150,
+# the webui's largest step count.
+RANGES = {'weak_cfg': (-5., 30.), 'weak_lora': (-4., 4.), 'reflection_cfg': (0., 30.), 'strength': (-10., 10.)}
+LAM_SLIDER_MAX = 150
 
 
 def _number(name, value):
-    if not finite_number(value):
-        raise ValueError(f'W2SD: {name} must be a finite number, got {value!r}')
+    lo, hi = RANGES[name]
+    if not finite_number(value) or not lo <= value <= hi:
+        raise ValueError(f'W2SD: {name} ({LABELS[name]}) must be a finite number in [{lo:g}, {hi:g}], '
+                         f'got {value!r}')
     return float(value)
 
 
@@ -84,7 +100,8 @@ def parse(*args):
     v['lam'] = _integer('lam (reflected steps: -1 = all but the last, or a count >= 0)', v['lam'])
     if v['lam'] < -1:
         raise ValueError(f'W2SD: lam (reflected steps) must be -1 (all but the last step) or >= 0, got {v["lam"]}')
-    check_options(strength=v['strength'], weak_sigma=v['weak_sigma'], form='paper', reflections=1)
+    if not isinstance(v['weak_sigma'], str) or v['weak_sigma'] not in WEAK_SIGMAS:
+        raise ValueError(f'W2SD: weak_sigma must be one of {WEAK_SIGMAS}, got {v["weak_sigma"]!r}')
     options = Options(**v)
     if options.enabled and options.weak == 'prompt' and not options.weak_prompt.strip():
         raise ValueError("W2SD: weak='prompt' needs a weak prompt")
@@ -151,3 +168,22 @@ def from_infotext(params):
             raise ValueError(f'W2SD: infotext {key}: {raw!r} is not a {kind}')
         values[name] = type(default)(number)
     return {name: values.get(name, getattr(DEFAULTS, name)) for name in ARGS}
+
+
+def pasted(params, host='A1111'):
+    """What pasting the parsed infotext ``params`` on ``host`` puts in the panel: ``(values, message)``.
+
+    Values the panel could not run (not a number, out of range, a weak model this host lacks) give the defaults,
+    so W2SD is off instead of keeping the settings of before unseen, and a message that names the key.
+    """
+    try:
+        values = from_infotext(params)
+        parse(values)
+        if values['weak'] not in HOST_KINDS[host]:
+            raise ValueError(f"W2SD: infotext {KEY}: {values['weak']!r} is not a weak model {host} offers "
+                             f"({', '.join(HOST_KINDS[host])})")
+    except ValueError as e:
+        reason = str(e).removeprefix('W2SD: ')
+        return dataclasses.asdict(DEFAULTS), (f'W2SD: the pasted infotext was not applied to the W2SD panel '
+                                              f'({reason}); W2SD is off, its settings at their defaults')
+    return values, ''

@@ -9,6 +9,15 @@ def sampler_name(p):
     return p.sampler_name
 
 
+def sampler_names(p):
+    """The samplers of the passes ``p`` will run: the first pass's, and the hires pass's when there is one."""
+    names = [p.sampler_name]
+    if getattr(p, 'enable_hr', False):
+        hr_name = getattr(p, 'hr_sampler_name', None)
+        names.append(p.sampler_name if not hr_name or hr_name == 'Use same sampler' else hr_name)
+    return names
+
+
 def cond_request(p, total_steps):
     """How the host computes this pass's conds, for computing the weak prompt's the same way.
 

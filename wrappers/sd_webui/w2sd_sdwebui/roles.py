@@ -7,7 +7,7 @@ blends, script callbacks and interrupts stay in place, but restores ``model.step
 advances it. Each role gets the main ``extra_args`` at call time (the live dict the host updates on a refiner
 switch) and passes the model a changed copy; the caller's dict is never modified.
 """
-from .options import DEFAULTS
+from .options import DEFAULTS, LABELS
 
 
 def keep_step(model, denoiser):
@@ -21,8 +21,9 @@ def keep_step(model, denoiser):
     return call
 
 
-def with_args(model, cond_scale, **override):
-    """``model`` called with ``cond_scale`` and the ``override`` entries replaced in a copy of its extra args.
+def with_args(model, cond_scale, setting, **override):
+    """``model`` called with ``cond_scale`` (the W2SD panel's ``setting``) and the ``override`` entries replaced in
+    a copy of its extra args.
 
     Forge's denoiser replaces ``cond_scale`` by ``p.hr_cfg`` during a hires pass, so that value is swapped too
     (and restored); A1111 has no ``hr_cfg``. Forge passes ``uncond=None`` when the user's CFG is 1, which only a
@@ -31,8 +32,9 @@ def with_args(model, cond_scale, **override):
     def call(x, sigma, **extra_args):
         args = {**extra_args, **override, 'cond_scale': cond_scale}
         if args.get('uncond') is None and cond_scale != 1:
-            raise ValueError(f'W2SD: a reflection call at CFG {cond_scale} needs the negative prompt, which Forge '
-                             'skips when the CFG scale is 1; raise the CFG scale or set the W2SD CFG to 1')
+            raise ValueError(f'W2SD: a reflection call at CFG {cond_scale:g} needs the negative prompt, which Forge '
+                             f'skips when the CFG Scale is 1: raise the CFG Scale, or set the W2SD panel\'s '
+                             f'{LABELS[setting]} to 1')
         p = model.p
         if not (getattr(p, 'is_hr_pass', False) and hasattr(p, 'hr_cfg')):
             return model(x, sigma, **args)
@@ -97,25 +99,25 @@ def sampler_kwargs(model, options, *, weak_conds=None, networks=None, weak_unet=
         return {'weak': model, 'lam': 0}
     kind, rcfg = options.weak, options.reflection_cfg
     if kind == 'cfg':
-        strong, weak = model, with_args(model, options.weak_cfg)
+        strong, weak = model, with_args(model, options.weak_cfg, 'weak_cfg')
     elif kind == 'prompt':
         if weak_conds is None:
             raise ValueError("W2SD: weak='prompt' but no weak conditioning was computed for this pass")
         cond, uncond = weak_conds
         override = {'cond': cond} if uncond is None else {'cond': cond, 'uncond': uncond}
-        strong, weak = with_args(model, rcfg), with_args(model, rcfg, **override)
+        strong, weak = with_args(model, rcfg, 'reflection_cfg'), with_args(model, rcfg, 'reflection_cfg', **override)
     elif kind == 'lora':
         names = options.lora_name_list
         loaded = [n.name for n in networks or ()]
         if not any(_named(n, names) for n in networks or ()):
             raise ValueError(f"W2SD: weak='lora' needs a LoRA in the prompt (<lora:name:weight>)"
                              f"{' named ' + ', '.join(names) if names else ''}; loaded: {loaded or 'none'}")
-        strong = with_args(model, rcfg)
-        weak = with_lora_multiplier(networks, names, options.weak_lora, with_args(model, rcfg))
+        strong = with_args(model, rcfg, 'reflection_cfg')
+        weak = with_lora_multiplier(networks, names, options.weak_lora, strong)
     else:
         if weak_unet is None:
             raise ValueError("W2SD: weak='checkpoint' but no weak checkpoint was loaded for this pass")
-        strong = with_args(model, rcfg)
+        strong = with_args(model, rcfg, 'reflection_cfg')
         weak = with_forge_unet(model, weak_unet, strong)
     return {
         'strong': keep_step(model, strong), 'weak': keep_step(model, weak),
