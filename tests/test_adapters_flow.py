@@ -11,7 +11,9 @@ from torch import nn
 diffusers = pytest.importorskip('diffusers')
 K = pytest.importorskip('k_diffusion.sampling')
 
+import rounding  # noqa: E402
 from w2sd_samplers.adapters import flow  # noqa: E402
+from w2sd_samplers.adapters.vp import cast_tree  # noqa: E402
 from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
 from w2sd_samplers.nfe import CallCounter  # noqa: E402
 from w2sd_samplers.sampling import sample_w2sd_euler  # noqa: E402
@@ -149,13 +151,21 @@ def test_euler_reproduces_flow_match_euler_scheduler(kind):
 
 def test_cfg_layouts_batch_like_separate_calls():
     # Flux's shared guidance and default ids must follow CFG's doubled batch; SD3's two tensors per branch batch.
+    # The network runs in float64, so batched and separate forwards differ by float64 rounding only.
     for make in (tiny_flux, tiny_sd3):
-        _, denoiser, eps, (cond, uncond), shared = make()
+        model, denoiser, eps, conds, shared = make()
+        model.double()
+        cond, uncond = (cast_tree(c, torch.float64) for c in conds)
         x, sigma = eps * 3, torch.tensor([3., 0.7])
-        with torch.no_grad():
+        with torch.no_grad(), rounding.NetworkMagnitudes(model) as seen:
             got = CFGDenoiser(denoiser)(x, sigma, cond=cond, uncond=uncond, cond_scale=2.5, **shared)
             d_c, d_u = denoiser(x, sigma, **cond, **shared), denoiser(x, sigma, **uncond, **shared)
-        torch.testing.assert_close(got, d_u + 2.5 * (d_c - d_u), rtol=1e-4, atol=1e-5)
+        # each branch: x_t - t v with t < 1; CFG's d_u + 2.5 (d_c - d_u) takes 1 + 2 x 2.5 of their errors, then
+        # rounds 3 times in float32
+        bound = (6 * rounding.float64_net_bound(seen, 1., x.abs() + d_c.abs(), x.abs() + d_u.abs())
+                 + rounding.reorder_bound(3, got))
+        torch.testing.assert_close(got, d_u + 2.5 * (d_c - d_u), rtol=0, atol=bound)
+        assert (d_c - d_u).abs().max() > 1000 * bound  # a swapped or repeated branch would show
 
 
 def test_flux_guidance_matches_model_kind():
@@ -272,22 +282,28 @@ def test_wan_image_to_video_condition_and_cfg():
     model = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=9, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, rope_max_seq_len=32, image_dim=32,
-        added_kv_proj_dim=24).eval()
+        added_kv_proj_dim=24).eval().double()
     denoiser = flow.wan_denoiser(model)
     x, sigma = torch.randn(2, 4, 3, 8, 8) * 5, torch.tensor([5., 5.])
     condition = torch.randn(1, 5, 3, 8, 8)  # mask + image latents, shared by the whole batch and both branches
-    image = torch.randn(2, 4, 32)
-    cond = dict(encoder_hidden_states=torch.randn(2, 5, 32), encoder_hidden_states_image=image)
-    uncond = dict(encoder_hidden_states=torch.randn(2, 5, 32), encoder_hidden_states_image=image)
+    image = torch.randn(2, 4, 32, dtype=torch.float64)
+    cond = dict(encoder_hidden_states=torch.randn(2, 5, 32, dtype=torch.float64), encoder_hidden_states_image=image)
+    uncond = dict(encoder_hidden_states=torch.randn(2, 5, 32, dtype=torch.float64), encoder_hidden_states_image=image)
     t = sigma / (1 + sigma)
-    x_t = x / 6
-    with torch.no_grad():
+    x_t = x * (1 - t[0])  # the adapter's float32 input scaling, so that both paths feed the network the same x_t
+    with torch.no_grad(), rounding.NetworkMagnitudes(model) as seen:
         def v(c):  # the I2V pipeline: condition concatenated on the channels, image states in both branches
-            return model(hidden_states=torch.cat([x_t, condition.repeat(2, 1, 1, 1, 1)], 1), timestep=1000 * t,
-                         **c, return_dict=False)[0]
+            return model(hidden_states=torch.cat([x_t, condition.repeat(2, 1, 1, 1, 1)], 1).double(),
+                         timestep=1000 * t, **c, return_dict=False)[0]
         v_u, v_c = v(uncond), v(cond)
         got = CFGDenoiser(denoiser)(x, sigma, cond=cond, uncond=uncond, cond_scale=5., condition=condition)
-    torch.testing.assert_close(got, x_t - t[0] * (v_u + 5 * (v_c - v_u)), rtol=1e-4, atol=1e-5)
+    # The network runs in float64 and the reference stays in float64 after it: |got - want| is the float64
+    # network's reorder bound and got's float32 steps per branch, taken 1 + 2 x 5 times by CFG, then CFG's 3.
+    d_u, d_c, t = x_t.double() - t[0] * v_u, x_t.double() - t[0] * v_c, float(t[0])
+    bound = (11 * rounding.float64_net_bound(seen, t, x_t.abs() + d_c.abs(), x_t.abs() + d_u.abs())
+             + rounding.reorder_bound(3, got))
+    torch.testing.assert_close(got.double(), d_u + 5 * (d_c - d_u), rtol=0, atol=bound)
+    assert (d_c - d_u).abs().max() > 1000 * bound  # a swapped or repeated branch would show
 
 
 @pytest.mark.parametrize('kind', FAMILIES)

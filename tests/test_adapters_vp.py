@@ -10,7 +10,9 @@ import k_diffusion.sampling as K  # noqa: E402
 from w2sd_samplers.adapters import (alphas_cumprod, alphas_cumprod_from_config, cogvideox_denoiser,  # noqa: E402
                                     dit_denoiser, ditmoe_denoiser, schedule, spaced_timesteps, timestep_sigmas,
                                     unet_denoiser)
+from w2sd_samplers.adapters.vp import cast_tree  # noqa: E402
 from w2sd_samplers.cfg import CFGDenoiser  # noqa: E402
+from rounding import NetworkMagnitudes, float64_net_bound, reorder_bound  # noqa: E402
 
 STEPS = 8
 
@@ -123,18 +125,29 @@ def test_sdxl_unet_euler_reproduces_ddim_and_euler_discrete():
     assert rel(got, x) < 1e-4
 
 
+def cfg_bound(seen, sigma, x, d_c, d_u, guided, cond_scale):
+    """Batched CFG against separate calls of a float64 network (rounding.float64_net_bound): x + eps c_out with
+    |c_out| = sigma for each branch; d_u + s (d_c - d_u) takes 1 + 2 s of their errors, then rounds 3 times."""
+    return ((1 + 2 * cond_scale) * float64_net_bound(seen, float(sigma.max()), x.abs() + d_c.abs(),
+                                                     x.abs() + d_u.abs())
+            + reorder_bound(3, guided))
+
+
 def test_sdxl_cfg_batches_the_layout_in_one_forward():
-    unet = tiny_sdxl_unet()
+    # The network runs in float64, so batched and separate forwards differ by float64 rounding only.
+    unet = tiny_sdxl_unet().double()
     den = unet_denoiser(unet, family='sdxl')
-    cond, uncond = sdxl_cond(2, 1), sdxl_cond(2, 2)
+    cond, uncond = cast_tree(sdxl_cond(2, 1), torch.float64), cast_tree(sdxl_cond(2, 2), torch.float64)
     x, sigma = torch.randn(2, 4, 8, 8) * 3, torch.full([2], 3.)
     calls = []
     unet.register_forward_hook(lambda m, i, o: calls.append(1))
-    with torch.no_grad():
+    with torch.no_grad(), NetworkMagnitudes(unet) as seen:
         guided = CFGDenoiser(den)(x, sigma, cond=cond, uncond=uncond, cond_scale=4.)
         assert len(calls) == 1
         d_c, d_u = den(x, sigma, **cond), den(x, sigma, **uncond)
-    torch.testing.assert_close(guided, d_u + 4. * (d_c - d_u), rtol=1e-4, atol=1e-5)
+    bound = cfg_bound(seen, sigma, x, d_c, d_u, guided, 4.)
+    torch.testing.assert_close(guided, d_u + 4. * (d_c - d_u), rtol=0, atol=bound)
+    assert (d_c - d_u).abs().max() > 1000 * bound  # a swapped or repeated branch would show
 
 
 def tiny_animatediff():
@@ -158,11 +171,16 @@ def test_animatediff_euler_reproduces_ddim_with_text_repeated_per_frame():
         ref = ddim_reference(
             sched, lambda x, t: unet(x, t, encoder_hidden_states=ehs.repeat_interleave(3, 0)).sample, latents)
         assert rel(ours(den, sched, latents, {'encoder_hidden_states': ehs}), ref) < 1e-4
-        x, sigma = latents * 5, torch.full([2], 5.)
-        uncond = {'encoder_hidden_states': torch.zeros(2, 5, 32)}
-        guided = CFGDenoiser(den)(x, sigma, cond={'encoder_hidden_states': ehs}, uncond=uncond, cond_scale=3.)
-        d_c, d_u = den(x, sigma, encoder_hidden_states=ehs), den(x, sigma, **uncond)
-    torch.testing.assert_close(guided, d_u + 3. * (d_c - d_u), rtol=1e-4, atol=1e-5)
+    # CFG's batched text per frame, on the network in float64 (batched and separate differ by its rounding only)
+    unet = unet.double()
+    x, sigma = latents * 5, torch.full([2], 5.)
+    cond, uncond = {'encoder_hidden_states': ehs.double()}, {'encoder_hidden_states': torch.zeros(2, 5, 32).double()}
+    with torch.no_grad(), NetworkMagnitudes(unet) as seen:
+        guided = CFGDenoiser(den)(x, sigma, cond=cond, uncond=uncond, cond_scale=3.)
+        d_c, d_u = den(x, sigma, **cond), den(x, sigma, **uncond)
+    bound = cfg_bound(seen, sigma, x, d_c, d_u, guided, 3.)
+    torch.testing.assert_close(guided, d_u + 3. * (d_c - d_u), rtol=0, atol=bound)
+    assert (d_c - d_u).abs().max() > 1000 * bound
 
 
 def test_modelscope_euler_reproduces_ddim():
