@@ -1,6 +1,9 @@
 """Seed handling and the statistics every table uses: means with 95% t-intervals, paired t-tests and Holm's
-correction for the many comparisons of one table."""
+correction for the many comparisons of one table; for paired comparisons over prompts (``w2sd eval``): Wilson
+intervals of win rates, a bootstrap over groups (prompts, with their seeds), variance components and the group
+count a difference needs."""
 import math
+import statistics
 
 
 def _scipy_stats():
@@ -47,3 +50,58 @@ def holm(pvalues):
         running = max(running, min(1., (len(pvalues) - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
+
+
+
+def wilson(successes, n, level=0.95):
+    """Wilson score interval of a proportion ``successes / n`` (``successes`` may count ties as halves); unlike
+    the normal or a percentile-bootstrap interval it is not zero-width at 0 and 1. ``(nan, nan)`` for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0., centre - half), min(1., centre + half)
+
+
+def cluster_bootstrap(groups, levels=(0.95,), resamples=4000, seed=0):
+    """Mean of every value in ``groups`` (lists of values, e.g. the seeds of each prompt) and its percentile
+    bootstrap intervals at each of ``levels``, resampling whole groups: the values of a group (seeds of one prompt)
+    are correlated, the groups (prompts) are the independent draws. ``nan`` intervals with fewer than 2 groups;
+    when every resample gives the same mean (e.g. identical values) the interval is that point."""
+    import numpy as np
+    groups = [list(g) for g in groups if len(g)]
+    if not groups:
+        return math.nan, [(math.nan, math.nan) for _ in levels]
+    sums = np.array([math.fsum(g) for g in groups])
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    mean = float(sums.sum() / sizes.sum())
+    if len(groups) < 2:
+        return mean, [(math.nan, math.nan) for _ in levels]
+    pick = np.random.default_rng(seed).integers(0, len(groups), size=(resamples, len(groups)))
+    means = sums[pick].sum(1) / sizes[pick].sum(1)
+    return mean, [tuple(float(q) for q in np.quantile(means, [0.5 - lv / 2, 0.5 + lv / 2])) for lv in levels]
+
+
+def variance_components(groups):
+    """``(between, within)`` variance components of values grouped by prompt (one-way random effects, method of
+    moments; ``between`` is clipped at 0): a prompt's mean over s seeds varies as ``between + within / s``."""
+    groups = [list(g) for g in groups if len(g)]
+    k, n = len(groups), sum(len(g) for g in groups)
+    if k < 2 or n <= k:
+        raise ValueError(f'need at least 2 groups and more values than groups, got {k} groups of {n} values')
+    grand = math.fsum(map(math.fsum, groups)) / n
+    means = [math.fsum(g) / len(g) for g in groups]
+    within = math.fsum((v - m) ** 2 for g, m in zip(groups, means) for v in g) / (n - k)
+    between_ms = math.fsum(len(g) * (m - grand) ** 2 for g, m in zip(groups, means)) / (k - 1)
+    n0 = (n - sum(len(g) ** 2 for g in groups) / n) / (k - 1)      # the mean group size of unbalanced designs
+    return max(0., (between_ms - within) / n0), within
+
+
+def groups_needed(difference, between, within, per_group, alpha=0.05, power=0.8):
+    """Groups (prompts) of ``per_group`` values (seeds) a two-sided test at ``alpha`` needs to detect a mean
+    ``difference`` with probability ``power`` (normal approximation), given the variance components."""
+    z = statistics.NormalDist().inv_cdf
+    variance = between + within / per_group
+    return max(2, math.ceil((z(1 - alpha / 2) + z(power)) ** 2 * variance / difference ** 2))

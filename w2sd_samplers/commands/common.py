@@ -89,6 +89,9 @@ def load_pipeline(folder, flag, device, dtype):
         family(pipe)
     except (ImportError, OSError, ValueError) as e:   # missing extra, missing/pickled weights, unsupported family
         raise UsageError(f'{flag} {folder}: {" ".join(str(e).split())}') from None
+    except KeyError as e:                             # a model_index.json without the entries diffusers reads
+        raise UsageError(f'{flag} {folder}: model_index.json has no {e} entry; not a diffusers pipeline folder') \
+            from None
     return pipe.to(device)
 
 
