@@ -47,6 +47,7 @@ def check(spec):
     if kind in ('clip', 'pickscore', 'aesthetic'):
         for name in ('config.json', 'model.safetensors'):
             _need(spec, os.path.join(paths[0], name))
+        _check_clip_folder(spec, paths[0])
     for p in paths[1:] if kind in ('clip', 'pickscore', 'aesthetic') else paths:
         _need(spec, p)
     if kind == 'aesthetic' and not paths[1].endswith('.safetensors'):
@@ -65,10 +66,9 @@ def load(spec, device):
     return _CLIPSimilarity(model, processor, kind)
 
 
-def _clip(spec, folder, device):
+def _check_clip_folder(spec, folder):
+    """A CLIP model (both towers) with its processor, read from config.json before anything is loaded."""
     import json
-
-    import transformers
     try:
         with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
             model_type = json.load(f).get('model_type')
@@ -81,6 +81,10 @@ def _clip(spec, folder, device):
                                                                   'preprocessor_config.json')):
         raise UsageError(f'--scorer {spec}: {folder} has no CLIP processor (processor_config.json); save one into '
                          'it with CLIPProcessor.save_pretrained')
+
+
+def _clip(spec, folder, device):
+    import transformers
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()      # its load reports would bury the one-line error
     try:
