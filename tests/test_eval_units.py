@@ -56,15 +56,21 @@ def test_cluster_bootstrap_keeps_the_seeds_of_a_prompt_together():
     assert stats.cluster_bootstrap([[0.], [0.], [0.]])[1][0] == (0., 0.)
 
 
-def test_variance_components_and_prompt_counts_by_hand():
+def test_variance_components_by_hand_and_the_power_table():
     # groups (1, 3) and (5, 7): within = (1+1+1+1)/2 = 2; between mean square 2 (2-4)^2 + 2 (6-4)^2 = 16; n0 = 2
     assert stats.variance_components([[1., 3.], [5., 7.]]) == pytest.approx((7., 2.))
     with pytest.raises(ValueError):
         stats.variance_components([[1., 2.]])
-    # (z_.975 + z_.8)^2 = 7.85: 8 groups for unit variance and unit difference; 2 seeds halve the within part
-    assert stats.groups_needed(1., 1., 0., 1) == 8
-    assert stats.groups_needed(1., 0.5, 1., 2) == 8
-    assert stats.groups_needed(2., 1., 0., 1) == 2
+    # differences with between-prompt variance 7 and within 2: s seeds per prompt give prompt means of variance
+    # 7 + 2 / s, and the table's counts are the paired t-test's for that standard deviation
+    rows = rows_of([[1., 3.], [5., 7.]])
+    table = report.power_table(rows, 's', 'w', 'p', 1.5)
+    body = [[int(v) for v in line.strip('| ').split(' | ')] for line in table if re.match(r'\| \d', line)]
+    assert [b[0] for b in body] == [1, 2, 4, 8]
+    for s, *counts in body:
+        assert counts == [stats.pairs_for_power(math.sqrt(7 + 2 / s), k * 1.5) for k in (1, 2, 4)]
+    assert body[0][1] > body[3][1] >= body[3][3]                     # more seeds, larger differences: fewer
+    assert report.power_table(rows_of([[1.], [2.]]), 's', 'w', 'p', 1.) == []      # one seed: no within part
 
 
 def rows_of(diffs, method='w', reference='p'):

@@ -1,7 +1,7 @@
 """Seed handling and the statistics every table uses: means with 95% t-intervals, paired t-tests and Holm's
 correction for the many comparisons of one table; for paired comparisons over prompts (``w2sd eval``): Wilson
-intervals of win rates, a bootstrap over groups (prompts, with their seeds), variance components and the group
-count a difference needs."""
+intervals of win rates, a bootstrap over groups (prompts, with their seeds) and variance components; TOST and
+power of paired t-tests."""
 import math
 import statistics
 
@@ -31,26 +31,6 @@ def mean_ci(values, level=0.95):
         return mean, float('nan')
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, _scipy_stats().t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-
-
-def paired_p(a, b):
-    """Two-sided paired t-test p-value of ``a`` against ``b`` (same seeds, same order)."""
-    if len(a) != len(b):
-        raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
-    if all(x == y for x, y in zip(a, b)):
-        return 1.
-    return float(_scipy_stats().ttest_rel(a, b).pvalue)
-
-
-def holm(pvalues):
-    """Holm's step-down adjusted p-values (same order): controls the family-wise error rate of the whole list."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.] * len(pvalues), 0.
-    for rank, i in enumerate(order):
-        running = max(running, min(1., (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
 
 
 def wilson(successes, n, level=0.95):
@@ -99,9 +79,57 @@ def variance_components(groups):
     return max(0., (between_ms - within) / n0), within
 
 
-def groups_needed(difference, between, within, per_group, alpha=0.05, power=0.8):
-    """Groups (prompts) of ``per_group`` values (seeds) a two-sided test at ``alpha`` needs to detect a mean
-    ``difference`` with probability ``power`` (normal approximation), given the variance components."""
-    z = statistics.NormalDist().inv_cdf
-    variance = between + within / per_group
-    return max(2, math.ceil((z(1 - alpha / 2) + z(power)) ** 2 * variance / difference ** 2))
+def paired_p(a, b):
+    """Two-sided paired t-test p-value of ``a`` against ``b`` (same seeds, same order)."""
+    if len(a) != len(b):
+        raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
+    if all(x == y for x, y in zip(a, b)):
+        return 1.
+    return float(_scipy_stats().ttest_rel(a, b).pvalue)
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (same order): controls the family-wise error rate of the whole list."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.] * len(pvalues), 0.
+    for rank, i in enumerate(order):
+        running = max(running, min(1., (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def _diffs(a, b):
+    if len(a) != len(b):
+        raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return d, mean, math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1))
+
+
+def tost_p(a, b, margin):
+    """Equivalence of paired ``a`` and ``b`` within ``±margin`` (two one-sided t-tests, Schuirmann 1987): the
+    larger of the two one-sided p-values; below alpha, ``|mean(a - b)| < margin`` is shown at level alpha."""
+    if not margin > 0:
+        raise ValueError(f'margin must be > 0, got {margin!r}')
+    d, mean, sd = _diffs(a, b)
+    if sd == 0:
+        return 0. if abs(mean) < margin else 1.
+    t, se, df = _scipy_stats().t, sd / math.sqrt(len(d)), len(d) - 1
+    return float(max(t.sf((mean + margin) / se, df), t.cdf((mean - margin) / se, df)))
+
+
+def paired_power(sd, effect, n, alpha=0.05):
+    """Power of the two-sided paired t-test at level ``alpha`` to detect a mean difference ``effect`` with ``n``
+    pairs whose differences have standard deviation ``sd`` (non-central t)."""
+    if n < 2:
+        return float('nan')
+    if sd == 0:
+        return 1. if effect else alpha
+    t, nct, df = _scipy_stats().t, _scipy_stats().nct, n - 1
+    crit, nc = t.ppf(1 - alpha / 2, df), abs(effect) / sd * math.sqrt(n)
+    return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc))
+
+
+def pairs_for_power(sd, effect, power=0.8, alpha=0.05, most=10_000):
+    """The smallest number of pairs whose paired t-test reaches ``power`` for ``effect`` (None above ``most``)."""
+    return next((n for n in range(2, most + 1) if paired_power(sd, effect, n, alpha) >= power), None)

@@ -9,7 +9,7 @@ import csv
 import dataclasses
 import math
 
-from ..stats import cluster_bootstrap, groups_needed, variance_components, wilson
+from ..stats import cluster_bootstrap, pairs_for_power, variance_components, wilson
 
 DEFAULT_MARGIN = 0.1        # equivalence margin: this many standard deviations of the reference's scores
 
@@ -151,8 +151,9 @@ def extremes(rows, scorer, method, reference, k=3):
 
 def power_table(rows, scorer, method, reference, margin_value, seeds=(1, 2, 4, 8), alpha=0.05, power=0.8):
     """Markdown lines: prompts needed for ``power`` to detect a paired difference of 1, 2 and 4 margins at each
-    number of seeds per prompt, from the variance components of this run's differences; [] when they cannot be
-    estimated (fewer than 2 prompts, or 1 seed each)."""
+    number of seeds per prompt, from the variance components of this run's differences (a prompt's mean difference
+    over s seeds varies as between + within / s; paired t-test over prompts); [] when they cannot be estimated
+    (fewer than 2 prompts, or 1 seed each)."""
     diffs = list(differences(rows, scorer, method, reference).values())
     try:
         between, within = variance_components(diffs)
@@ -161,13 +162,14 @@ def power_table(rows, scorer, method, reference, margin_value, seeds=(1, 2, 4, 8
     if margin_value != margin_value or margin_value <= 0 or between + within == 0:
         return []
     sizes = (1, 2, 4)
-    lines = [f'Prompts needed for {power:.0%} power (two-sided, alpha {alpha:g}) to detect a mean paired difference '
-             f'of {method} vs {reference} on {scorer}, from this run\'s variance of the differences (between prompts '
-             f'{fmt(between)}, between seeds of a prompt {fmt(within)}; normal approximation):', '',
-             '| seeds per prompt | ' + ' | '.join(f'Δ = {fmt(s * margin_value)} ({s} margin)' for s in sizes) + ' |',
-             '|---|' + '---|' * len(sizes)]
+    lines = [f'Prompts needed for {power:.0%} power (paired t-test over prompts, two-sided, alpha {alpha:g}) to '
+             f'detect a mean paired difference of {method} vs {reference} on {scorer}, from this run\'s variance of '
+             f'the differences (between prompts {fmt(between)}, between seeds of a prompt {fmt(within)}):', '',
+             '| seeds per prompt | ' + ' | '.join(f'Δ = {fmt(k * margin_value)} ({k} x margin)' for k in sizes)
+             + ' |', '|---|' + '---|' * len(sizes)]
     for s in seeds:
-        lines.append(f'| {s} | ' + ' | '.join(str(groups_needed(k * margin_value, between, within, s, alpha, power))
+        sd = math.sqrt(between + within / s)
+        lines.append(f'| {s} | ' + ' | '.join(str(pairs_for_power(sd, k * margin_value, power, alpha) or '> 10000')
                                               for k in sizes) + ' |')
     return lines
 
