@@ -95,7 +95,9 @@ def sample_resampling(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-def _heun_step(model, x, sigma, sigma_next, extra_args, s_in):
+def heun_step(model, x, sigma, sigma_next, extra_args, s_in):
+    """One Heun step of k-diffusion's ``sample_heun`` from ``sigma`` to ``sigma_next`` (Euler into sigma 0):
+    ``(x_next, denoised at x)``. ``s_in``: ones of x's batch size (k-diffusion's per-sample sigma factor)."""
     K = _kdiff.sampling()
     denoised = model(x, sigma * s_in, **extra_args)
     d = K.to_d(x, sigma, denoised)
@@ -166,7 +168,7 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
                         restart_steps=restart_steps)
     noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
-        x_next, denoised = _heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
+        x_next, denoised = heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
         if callback is not None:  # k-diffusion reports the step's starting point
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         x = x_next
@@ -177,5 +179,5 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
             for _ in range(k):
                 x = x + noise_sampler(hi, lo) * s_noise * (hi ** 2 - lo ** 2) ** 0.5
                 for s, s_next in zip(sub[:-1], sub[1:]):
-                    x, _ = _heun_step(model, x, s, s_next, extra_args, s_in)
+                    x, _ = heun_step(model, x, s, s_next, extra_args, s_in)
     return x

@@ -21,9 +21,10 @@ OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.va
                      if p.kind is p.KEYWORD_ONLY)
 
 
-def _w2sd_signature(fn):
-    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``; an unknown keyword is
-    reported against ``fn``."""
+def w2sd_signature(fn):
+    """Decorator of a W2SD sampler ``fn(model, x, sigmas, ..., **w2sd)``, for writing one outside this module (the
+    webui twins do): shows the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd`` (hosts read
+    the signature), and reports an unknown keyword against ``fn``."""
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     options = [p for p in inspect.signature(Reflection).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
@@ -90,7 +91,7 @@ def _brownian_default(x, sigmas, noise_sampler):
     return brownian
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -104,7 +105,7 @@ def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -125,7 +126,7 @@ def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                      s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -146,7 +147,7 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -167,7 +168,7 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -193,7 +194,7 @@ def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, **w2sd):
     """Linear multistep with W2SD reflections; the derivative history carries across reflections."""
@@ -213,7 +214,7 @@ def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                                    s_noise=1., noise_sampler=None, **w2sd):
@@ -242,7 +243,7 @@ def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                           noise_sampler=None, r=1 / 2, **w2sd):
@@ -275,7 +276,7 @@ def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disa
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **w2sd):
     """DPM-Solver++(2M) with W2SD reflections; the previous denoised estimate carries across reflections."""
@@ -298,7 +299,7 @@ def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disab
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, solver_type='midpoint', **w2sd):
@@ -333,7 +334,7 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, **w2sd):
@@ -373,7 +374,7 @@ def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
                          s_noise=1., noise_sampler=None, **w2sd):
@@ -412,7 +413,7 @@ def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, cal
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                         s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -496,7 +497,7 @@ def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order,
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                       denoise_to_zero=True, **w2sd):
@@ -509,7 +510,7 @@ def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                         denoise_to_zero=True, **w2sd):
@@ -519,7 +520,7 @@ def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disabl
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab',
                      **w2sd):
@@ -545,7 +546,7 @@ def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=N
     return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                               noise_sampler=None, eta=0., **w2sd):

@@ -208,11 +208,11 @@ def models(cache_dir, quick=False):
         def train(m):
             if start is not None:
                 m.load_state_dict(start.state_dict())
-            out = digits._train_denoiser(m, training_set(cfg['squares']), cfg['steps'], 1, snapshot_at=snapshot,
+            out = digits.train_denoiser(m, training_set(cfg['squares']), cfg['steps'], 1, snapshot_at=snapshot,
                                          stop_at_snapshot=snapshot is not None, batch=64, lr=cfg['lr'])
             if snapshot is not None:
                 m.load_state_dict(out)
-        return digits._cached(cache_dir, name, cfg, denoiser(cfg['channels']), train, prefix='shapes')
+        return digits.cached_module(cache_dir, name, cfg, denoiser(cfg['channels']), train, prefix='shapes')
 
     early_at = max(1, steps // EARLY_FRACTION)
     out = {'strong': trained('strong', config()),
@@ -221,7 +221,7 @@ def models(cache_dir, quick=False):
     for name, squares in WEAK_RATIOS.items():
         tune = dict(steps=FINE_TUNE['steps'] // scale, lr=FINE_TUNE['lr'])
         out[name] = trained(name, config(squares=squares, fine_tuned=tune, **tune), start=out['strong'])
-    classifier = digits._cached(cache_dir, 'classifier', dict(steps=600 // scale, version=1), Classifier,
+    classifier = digits.cached_module(cache_dir, 'classifier', dict(steps=600 // scale, version=1), Classifier,
                                 lambda m: _train_classifier(m, 600 // scale), prefix='shapes')
     return out, classifier
 
