@@ -270,9 +270,11 @@ def test_tune_chooses_on_tuning_prompts_and_judges_on_the_others(setup, capsys, 
     summary = (out / 'summary.md').read_text()
     assert '## Tuning' in summary and summary.count('**chosen**') == 3
     total = sum(r['nfe'] for r in tuning)
-    assert re.search(rf'tuning grid: {n_settings} settings x 1 items, {total} denoiser calls in all, [\d.]+ s wall', printed)
+    assert re.search(rf'tuning grid: {n_settings} settings x 1 items, {total} denoiser calls in all, [\d.]+ s wall',
+                     printed)
     timing = json.loads((out / 'timing-0.json').read_text())
-    assert {'load', 'plan', 'tune', 'evaluate', 'scoring', 'summary'} <= set(timing['phases'])
+    assert set(timing['phases']) == {'load', 'plan', 'tune', 'tune_wait', 'evaluate', 'wait', 'summary'}
+    assert 0 < timing['scoring_s'] < timing['phases']['tune'][0] + timing['phases']['evaluate'][0]
     # fixed-setting flags are refused with --tune
     usage_error(capsys, argv + ['--resume', '--strength', '0.5'], '--strength: --tune chooses')
 

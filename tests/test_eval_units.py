@@ -71,6 +71,11 @@ def test_variance_components_by_hand_and_the_power_table():
         assert counts == [stats.pairs_for_power(math.sqrt(7 + 2 / s), k * 1.5) for k in (1, 2, 4)]
     assert body[0][1] > body[3][1] >= body[3][3]                     # more seeds, larger differences: fewer
     assert report.power_table(rows_of([[1.], [2.]]), 's', 'w', 'p', 1.) == []      # one seed: no within part
+    # large differences against a small spread: scipy's nct.cdf gives nan there; power must stay a number, 1 at
+    # the limit, and the counts must not grow with the difference
+    assert all(stats.paired_power(0.4, d, n) == pytest.approx(1.) for d in (3.8, 10.) for n in (4, 5, 6))
+    assert [stats.pairs_for_power(0.4, d) for d in (0.95, 1.9, 3.8)] == sorted(
+        [stats.pairs_for_power(0.4, d) for d in (0.95, 1.9, 3.8)], reverse=True)
 
 
 def rows_of(diffs, method='w', reference='p'):

@@ -317,7 +317,7 @@ def main(args):
 
 
 def _main(args):
-    clock = {'start': time.time()}
+    clock = {'start': _now()}
     methods, prompts, tune_prompts, kinds, margin_spec, (kind, value, scales), settings = _check(args)
     store = Store(args.out)
     stored = store.check(settings, prompts, args.resume)
@@ -343,11 +343,11 @@ def _main(args):
     if args.fid:
         S.reference_images(args.fid, size)
     scorers = {k: S.load(spec, device) for k, spec in zip(kinds, args.scorer)}
-    clock['loaded'] = time.time()
+    clock['loaded'] = _now()
     planner = _planner(pipe, prompts[0], pair_options, args)
     candidates = tune.candidates(methods, planner, args.nfe) if args.tune else []
     fixed = {m: _fixed(m, planner, args) for m in methods if not args.tune or m == 'plain'}
-    clock['planned'] = time.time()
+    clock['planned'] = _now()
 
     state.wait_for_everyone()           # every process has checked --out before the main one writes to it
     if state.is_main_process:
@@ -368,9 +368,9 @@ def _main(args):
                 scoring += runner.work(writer, store.images, pipe, pair_options, tuning_prompts, mine,
                                        {c.label(): c for c in candidates}, args.sampler, args.schedule, scorers,
                                        'tune', done, bar)
-            clock['tuned'] = time.time()
+            clock['tuned'] = _now()
             state.wait_for_everyone()
-            clock['tune_wait'] = time.time()
+            clock['tune_wait'] = _now()
             tuning = _choose(store.rows(), candidates, args.primary, tuning_prompts, args.tune_seeds)
             fixed.update(tuning.chosen)
         items = [(pi, seed) for pi in eval_indices for seed in args.seeds]
@@ -381,22 +381,27 @@ def _main(args):
     finally:
         writer.close()
         bar.close()
-    clock['worked'] = time.time()
+    clock['worked'] = _now()
     state.wait_for_everyone()
-    clock['waited'] = time.time()
+    clock['waited'] = _now()
     path = None
     if state.is_main_process:
         path = _summarise(store, args, methods, prompts, items, fixed, tuning, candidates, kinds, margin_spec,
                           (kind, value, scales), size, state.num_processes)
-    clock['end'] = time.time()
+    clock['end'] = _now()
     _write_timing(store, state.process_index, clock, scoring)
     if path is not None:
         if tuning is not None:
+            wall = clock['tune_wait'][0] - clock['planned'][0]
             print(f'w2sd eval: tuning grid: {len(candidates)} settings x {len(tuning.prompts) * len(tuning.seeds)} '
-                  f'items, {tuning.nfe} denoiser calls in all, {clock["tune_wait"] - clock["planned"]:.1f} s wall')
+                  f'items, {tuning.nfe} denoiser calls in all, {wall:.1f} s wall')
         print(f'w2sd eval: wrote {path} (with per_prompt.csv, results.jsonl, grid.png and paired.png in '
               f'{store.out})')
     return path
+
+
+def _now():
+    return time.time(), time.process_time()
 
 
 def _warn_single_cpu_process(state):
@@ -525,13 +530,12 @@ def _seeds_text(seeds):
 
 
 def _write_timing(store, rank, clock, scoring):
-    """timing-<rank>.json: this process's seconds per phase (where a run's time goes; benchmarks/eval reads it)."""
-    t = clock
-    phases = {'load': t['loaded'] - t['start'], 'plan': t['planned'] - t['loaded']}
-    if 'tuned' in t:
-        phases.update(tune=t['tuned'] - t['planned'], tune_wait=t['tune_wait'] - t['tuned'],
-                      evaluate=t['worked'] - t['tune_wait'])
-    else:
-        phases['evaluate'] = t['worked'] - t['planned']
-    phases.update(scoring=scoring, wait=t['waited'] - t['worked'], summary=t['end'] - t['waited'])
-    (store.out / f'timing-{rank}.json').write_text(json.dumps({'start': t['start'], 'phases': phases}) + '\n')
+    """timing-<rank>.json: this process's wall and CPU seconds per phase, and when it started (where a run's time
+    goes; benchmarks/eval/harness.py reads it)."""
+    marks = ['start', 'loaded', 'planned', *(['tuned', 'tune_wait'] if 'tuned' in clock else []), 'worked',
+             'waited', 'end']
+    names = {'loaded': 'load', 'planned': 'plan', 'tuned': 'tune', 'tune_wait': 'tune_wait',
+             'worked': 'evaluate', 'waited': 'wait', 'end': 'summary'}
+    phases = {names[b]: [clock[b][0] - clock[a][0], clock[b][1] - clock[a][1]] for a, b in zip(marks, marks[1:])}
+    (store.out / f'timing-{rank}.json').write_text(json.dumps(
+        {'start': clock['start'][0], 'phases': phases, 'scoring_s': scoring}) + '\n')

@@ -96,8 +96,9 @@ class Store:
         if stored is None:
             return None
         if stored['hash'] != settings_hash(settings):
-            raise UsageError(f'--out {self.out}: holds a run with other settings: {_changed(stored["settings"], settings)}'
-                             '; give a new folder, or the same settings with --resume')
+            changed = _changed(stored['settings'], settings)
+            raise UsageError(f'--out {self.out}: holds a run with other settings: {changed}; give a new folder, or '
+                             'the same settings with --resume')
         old = stored['prompts']
         for i, (a, b) in enumerate(zip(old, prompts)):
             if a != b:
