@@ -175,8 +175,8 @@ def test_missing_rows_stop_the_summary(setup, monkeypatch, capsys, tmp_path):
     root, clip = setup
     work = runner.work
 
-    def lossy(writer, images, pipe, pair_options, prompts, items, *rest, **kw):
-        return work(writer, images, pipe, pair_options, prompts, items[:-1], *rest, **kw)
+    def lossy(writer, images, pipe, pair_options, prompts, units, *rest, **kw):
+        return work(writer, images, pipe, pair_options, prompts, units[:-1], *rest, **kw)
     monkeypatch.setattr(runner, 'work', lossy)
     out = tmp_path / 'out'
     argv = swap(swap(args(root, clip, out), '--methods', 'plain'), '--seeds', '1')
@@ -279,6 +279,7 @@ def test_tune_chooses_on_tuning_prompts_and_judges_on_the_others(setup, capsys, 
     usage_error(capsys, argv + ['--resume', '--strength', '0.5'], '--strength: --tune chooses')
 
 
+@pytest.mark.filterwarnings('ignore:invalid value encountered in cast')      # diffusers decoding NaN latents
 def test_unscorable_images_are_rows_with_an_error_and_accelerate_on_cpu_is_flagged(setup, monkeypatch, capsys,
                                                                                    tmp_path):
     root, clip = setup

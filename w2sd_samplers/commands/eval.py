@@ -19,7 +19,6 @@ import torch
 
 from ..eval import methods as M, recommend, report, runner, scorers as S, summary, tune
 from ..eval.store import Store, flag, key
-from ..tuning import select
 from .common import HelpFormatter, UsageError, at_least, finite_float, load_pipeline, run
 
 PAIRS = ('cfg', 'prompt', 'weights', 'lora')
@@ -131,10 +130,6 @@ def standalone(argv=None):
     args.command_line = sys.argv[1:] if argv is None else list(argv)
     run(p, args, 'w2sd eval')
     return 0
-
-
-class Incomplete(UsageError):
-    """The merged rows lack items: the summary is not written."""
 
 
 def _methods(text):
@@ -360,24 +355,26 @@ def _main(args):
     writer = store.writer(state.process_index)
     bar = _bar(state, args)
     scoring = 0.
+
+    def run_stage(stage, stage_prompts, items, settings):
+        # units, not items, are split: a resumed run's remaining work is shared evenly, whatever is done
+        units = [(pi, seed, name) for pi, seed in items for name in settings if (pi, seed, name) not in done]
+        with state.split_between_processes(units) as mine:
+            return runner.work(writer, store.images, pipe, pair_options, stage_prompts, mine, settings,
+                               args.sampler, args.schedule, scorers, stage, bar)
     tuning = None
     try:
         if args.tune:
-            items = [(pi, seed) for pi in range(len(tuning_prompts)) for seed in range(args.tune_seeds)]
-            with state.split_between_processes(items) as mine:
-                scoring += runner.work(writer, store.images, pipe, pair_options, tuning_prompts, mine,
-                                       {c.label(): c for c in candidates}, args.sampler, args.schedule, scorers,
-                                       'tune', done, bar)
+            scoring += run_stage('tune', tuning_prompts, [(pi, seed) for pi in range(len(tuning_prompts))
+                                                          for seed in range(args.tune_seeds)],
+                                 {c.label(): c for c in candidates})
             clock['tuned'] = _now()
             state.wait_for_everyone()
             clock['tune_wait'] = _now()
-            tuning = _choose(store.rows(), candidates, args.primary, tuning_prompts, args.tune_seeds)
+            tuning = tune.choose(store.rows(), candidates, args.primary, tuning_prompts, args.tune_seeds)
             fixed.update(tuning.chosen)
         items = [(pi, seed) for pi in eval_indices for seed in args.seeds]
-        with state.split_between_processes(items) as mine:
-            scoring += runner.work(writer, store.images, pipe, pair_options, prompts, mine,
-                                   {m: fixed[m] for m in methods if m in fixed}, args.sampler, args.schedule,
-                                   scorers, 'eval', done, bar)
+        scoring += run_stage('eval', prompts, items, {m: fixed[m] for m in methods if m in fixed})
     finally:
         writer.close()
         bar.close()
@@ -452,21 +449,6 @@ def _fixed(method, plan, args):
     return M.Setting.of(method, steps, **params)
 
 
-def _choose(rows, candidates, primary, prompts, seeds):
-    """Each family's best candidate on the tuning rows (:func:`w2sd_samplers.tuning.select` on minus the mean)."""
-    rows = [r for r in rows if r.get('stage') == 'tune']
-    scores = tune.scores(rows, primary, candidates)
-    chosen = {}
-    for family in dict.fromkeys(c.method for c in candidates):
-        mine = [c for c in candidates if c.method == family and c in scores]
-        if mine:
-            chosen[family] = select(mine, lambda c: -scores[c])[0]
-    labels = {c.label() for c in candidates}
-    mine = [r for r in rows if r['method'] in labels]
-    return summary.Tuning(candidates, scores, chosen, prompts, list(range(seeds)), sum(r['nfe'] for r in mine),
-                          sum(r['seconds'] for r in mine))
-
-
 def _expected(args, candidates, tuning_prompts, items, settings):
     keys = [(pi, seed, c.label()) for pi in range(len(tuning_prompts)) for seed in range(args.tune_seeds)
             for c in candidates]
@@ -482,7 +464,7 @@ def _summarise(store, args, methods, prompts, items, settings, tuning, candidate
                if k not in present]
     if missing:
         pi, seed, m = missing[0]
-        raise Incomplete(f'--out {store.out}: {len(missing)} expected row(s) are missing (e.g. prompt {pi}, seed '
+        raise UsageError(f'--out {store.out}: {len(missing)} expected row(s) are missing (e.g. prompt {pi}, seed '
                          f'{seed}, {m}); the summary is not written: run the same command with --resume')
     with open(store.out / 'results.jsonl', 'w', encoding='utf-8') as f:
         f.writelines(json.dumps(r) + '\n' for r in rows)

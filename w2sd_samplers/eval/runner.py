@@ -5,6 +5,7 @@ the counted NFE, the seconds of sampling and decoding, the scores, or an ``error
 is unscorable (:func:`~.scorers.unscorable`).
 """
 import hashlib
+import itertools
 import time
 
 import torch
@@ -29,18 +30,14 @@ def image_name(stage, prompt_index, seed, name):
 
 
 @torch.no_grad()
-def work(writer, images, pipe, pair_options, prompts, items, settings, sampler, schedule, scorers, stage, done,
-         bar=None):
-    """Run ``settings`` (``{row method name: Setting}``) on ``items`` ((prompt index, seed) pairs into
-    ``prompts``) except the ``done`` keys; each row goes to ``writer`` as soon as it is scored, each image into the
-    ``images`` folder. Returns the seconds spent scoring."""
+def work(writer, images, pipe, pair_options, prompts, units, settings, sampler, schedule, scorers, stage, bar=None):
+    """Run each unit ``(prompt index, seed, name)`` (``prompts[index]``, ``settings[name]``, a Setting); each row
+    goes to ``writer`` as soon as it is scored, each image into the ``images`` folder. Returns the seconds spent
+    scoring."""
     scoring = 0.
-    for pi, seed in items:
-        todo = [name for name in settings if (pi, seed, name) not in done]
-        if not todo:
-            continue
-        with pipeline_pair(pipe, prompts[pi], **pair_options) as pair:
-            for name in todo:
+    for (pi, seed), group in itertools.groupby(units, key=lambda u: u[:2]):
+        with pipeline_pair(pipe, prompts[pi], **pair_options) as pair:      # the prompt encoded once per item
+            for _, _, name in group:
                 s = settings[name]
                 counter = CallCounter()
                 roles = M.counted(M.roles_for(s.method, pair), counter)

@@ -1,25 +1,11 @@
 """summary.md of an eval run: the recommendation first, then the setup, the paired comparisons, the prompts where
 W2SD helps and hurts most, a power table and (with ``--tune``) the tuning grid."""
-import dataclasses
 import math
 
 from ..tuning import select
 from . import methods as M, report
 from .recommend import instructions
 from .scorers import ROLES
-
-
-@dataclasses.dataclass
-class Tuning:
-    """``--tune``'s outcome: ``candidates`` (Settings in grid order), ``scores`` ({Setting: mean tuning score}),
-    ``chosen`` ({family: Setting}), the tuning ``prompts`` and ``seeds``, and the grid's NFE and wall time."""
-    candidates: list
-    scores: dict
-    chosen: dict
-    prompts: list
-    seeds: list
-    nfe: int
-    seconds: float
 
 
 def best(families, score):

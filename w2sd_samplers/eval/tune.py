@@ -5,8 +5,10 @@ the budget (plain sampling: its step count is the tuned parameter). A candidate 
 scorer over the tuning items (tuning prompts x tuning seeds); a candidate with an unscored row (a black or NaN image)
 is out. Each family's choice is made by :func:`w2sd_samplers.tuning.select`, the rule ``w2sd bench`` uses.
 """
+import dataclasses
 import math
 
+from ..tuning import select
 from . import methods as M
 
 # The tuning grid, per family. W2SD: reflected share of the T - 1 reflectable steps x strength (the benchmarks'
@@ -58,3 +60,32 @@ def scores(rows, scorer, candidates):
         if mine and all(r.get('scores') for r in mine):
             out[c] = math.fsum(r['scores'][scorer] for r in mine) / len(mine)
     return out
+
+
+@dataclasses.dataclass
+class Tuning:
+    """``--tune``'s outcome: ``candidates`` (Settings in grid order), ``scores`` ({Setting: mean tuning score}),
+    ``chosen`` ({family: Setting}), the tuning ``prompts`` and ``seeds``, and the grid's NFE and sampling seconds."""
+    candidates: list
+    scores: dict
+    chosen: dict
+    prompts: list
+    seeds: list
+    nfe: int
+    seconds: float
+
+
+def choose(rows, candidates, scorer, prompts, seeds):
+    """Each family's best candidate on the tuning rows: :func:`w2sd_samplers.tuning.select` (lowest first, ties to
+    the earlier candidate) on minus the mean score."""
+    rows = [r for r in rows if r.get('stage') == 'tune']
+    means = scores(rows, scorer, candidates)
+    chosen = {}
+    for family in dict.fromkeys(c.method for c in candidates):
+        mine = [c for c in candidates if c.method == family and c in means]
+        if mine:
+            chosen[family] = select(mine, lambda c: -means[c])[0]
+    labels = {c.label() for c in candidates}
+    mine = [r for r in rows if r['method'] in labels]
+    return Tuning(candidates, means, chosen, prompts, list(range(seeds)), sum(r['nfe'] for r in mine),
+                  sum(r['seconds'] for r in mine))
