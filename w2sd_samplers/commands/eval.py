@@ -298,7 +298,7 @@ def _split(args, prompts, tune_prompts, stored):
         raise UsageError(f'--tune-fraction {args.tune_fraction:g}: leaves {len(split)} tuning and {len(rest)} '
                          f'evaluation prompts of {len(prompts)}; needs at least 1 and 2 (add prompts or change the '
                          'fraction)')
-    return [prompts[i] for i in split], rest, split
+    return [(stored['prompts'] if stored else prompts)[i] for i in split], rest, split
 
 
 def main(args):
@@ -339,9 +339,14 @@ def _main(args):
         S.reference_images(args.fid, size)
     scorers = {k: S.load(spec, device) for k, spec in zip(kinds, args.scorer)}
     clock['loaded'] = _now()
-    planner = _planner(pipe, prompts[0], pair_options, args)
-    candidates = tune.candidates(methods, planner, args.nfe) if args.tune else []
-    fixed = {m: _fixed(m, planner, args) for m in methods if not args.tune or m == 'plain'}
+    try:
+        with runner.planner(pipe, prompts[0], pair_options, args.sampler, args.schedule, args.nfe) as plan:
+            candidates = tune.candidates(methods, plan, args.nfe) if args.tune else []
+            fixed = {m: _fixed(m, plan, args) for m in methods if not args.tune or m == 'plain'}
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(f'--pair {args.pair}: cannot be built for this pipeline ({e})') from None
     clock['planned'] = _now()
 
     state.wait_for_everyone()           # every process has checked --out before the main one writes to it
@@ -414,17 +419,6 @@ def _bar(state, args):
     from tqdm.auto import tqdm
     return tqdm(desc=f'w2sd eval [{state.process_index}]', position=state.process_index, disable=args.no_progress,
                 unit='image')
-
-
-def _planner(pipe, prompt, pair_options, args):
-    """``plan(method, params) -> steps or None``: the largest step count within --nfe."""
-    def plan(method, params):
-        try:
-            return runner.plan(pipe, prompt, pair_options, args.sampler, args.schedule, args.nfe,
-                               [(method, params)])[0]
-        except ValueError as e:
-            raise UsageError(f'--pair {args.pair}: cannot be built for this pipeline ({e})') from None
-    return plan
 
 
 def _fixed(method, plan, args):

@@ -4,6 +4,7 @@ Every setting of an item starts from the item's initial noise (``PipelinePair.sa
 the counted NFE, the seconds of sampling and decoding, the scores, or an ``error`` instead of scores when the image
 is unscorable (:func:`~.scorers.unscorable`).
 """
+import contextlib
 import hashlib
 import itertools
 import time
@@ -16,12 +17,14 @@ from . import methods as M
 from .scorers import unscorable
 
 
-def plan(pipe, prompt, pair_options, sampler, schedule, budget, wanted):
-    """``[steps or None]`` for each ``(method, params)`` of ``wanted``: the largest step count whose counted NFE
-    fits ``budget`` (None: within it the method reflects or guides no step). Raises the pair's ValueError."""
+@contextlib.contextmanager
+def planner(pipe, prompt, pair_options, sampler, schedule, budget):
+    """A context giving ``plan(method, params) -> steps or None``: the largest step count whose counted NFE fits
+    ``budget`` (None: within it the method reflects or guides no step), on the pair of ``prompt`` (built and encoded
+    once). Raises the pair's ValueError."""
     with pipeline_pair(pipe, prompt, **pair_options) as pair:
-        return [M.choose_steps(m, M.roles_for(m, pair), lambda n: pair.sigmas(n, schedule), budget, sampler, params)
-                for m, params in wanted]
+        yield lambda method, params: M.choose_steps(method, M.roles_for(method, pair),
+                                                    lambda n: pair.sigmas(n, schedule), budget, sampler, params)
 
 
 def image_name(stage, prompt_index, seed, name):
