@@ -107,6 +107,10 @@ def test_margin_default_is_a_share_of_the_reference_spread_or_absolute():
     assert report.margin(rows, 's', 'p', {}) == pytest.approx(report.DEFAULT_MARGIN * statistics.stdev([1, 2, 3, 4]))
     assert report.margin(rows, 's', 'p', {'sd': 0.5}) == pytest.approx(0.5 * statistics.stdev([1, 2, 3, 4]))
     assert report.margin(rows, 's', 'p', {'s': 0.3}) == 0.3
+    assert report.margin_rule({}).startswith(f'{report.DEFAULT_MARGIN:g} standard deviations') and \
+        '(the default)' in report.margin_rule({})
+    assert 'fixed: s ±0.3' in report.margin_rule({'s': 0.3, 'sd': 0.2}) and 'default' not in report.margin_rule(
+        {'sd': 0.2})
 
 
 def test_unscored_rows_drop_out_of_the_pairs_and_extremes_are_sorted():

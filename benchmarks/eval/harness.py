@@ -99,7 +99,7 @@ def phases(out, launched, wall):
     per = {}
     for path in sorted(out.glob('timing-*.json')):
         t = json.loads(path.read_text())
-        p = {'start-up': [t['start'] - launched, None], **t['phases']}
+        p = {'start-up': [t['start'] - launched, t['start_cpu']], **t['phases']}
         p['exit'] = [wall - sum(v[0] for v in p.values()), None]
         per[path.stem.split('-')[1]] = dict(phases=p, scoring_s=t['scoring_s'])
     return per

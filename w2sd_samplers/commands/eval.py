@@ -493,7 +493,8 @@ def _summarise(store, args, methods, prompts, items, settings, tuning, candidate
     path = store.out / 'summary.md'
     summary.write(path, ev, title=f'w2sd eval: {os.path.basename(os.path.normpath(args.model))}, pair {args.pair}',
                   setup=setup, methods=ran, prompts=prompts, scorers=kinds, primary=args.primary, margins=margins,
-                  references=references, tuning=tuning, run=recipe, budget=args.nfe, fid=fid,
+                  margin_rule=report.margin_rule(margin_spec), references=references, tuning=tuning, run=recipe,
+                  budget=args.nfe, fid=fid,
                   command=f'w2sd eval {shlex.join(argv)}')
     if ev:
         report.grid(store.out / 'grid.png', ev, ran, prompts, lambda p: Image.open(store.out / p))
@@ -506,12 +507,12 @@ def _seeds_text(seeds):
 
 
 def _write_timing(store, rank, clock, scoring):
-    """timing-<rank>.json: this process's wall and CPU seconds per phase, and when it started (where a run's time
-    goes; benchmarks/eval/harness.py reads it)."""
+    """timing-<rank>.json: this process's wall and CPU seconds per phase, when main() started and the CPU seconds
+    spent before (interpreter and imports): where a run's time goes (benchmarks/eval/harness.py reads it)."""
     marks = ['start', 'loaded', 'planned', *(['tuned', 'tune_wait'] if 'tuned' in clock else []), 'worked',
              'waited', 'end']
     names = {'loaded': 'load', 'planned': 'plan', 'tuned': 'tune', 'tune_wait': 'tune_wait',
              'worked': 'evaluate', 'waited': 'wait', 'end': 'summary'}
     phases = {names[b]: [clock[b][0] - clock[a][0], clock[b][1] - clock[a][1]] for a, b in zip(marks, marks[1:])}
     (store.out / f'timing-{rank}.json').write_text(json.dumps(
-        {'start': clock['start'][0], 'phases': phases, 'scoring_s': scoring}) + '\n')
+        {'start': clock['start'][0], 'start_cpu': clock['start'][1], 'phases': phases, 'scoring_s': scoring}) + '\n')

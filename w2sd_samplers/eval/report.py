@@ -43,6 +43,15 @@ def margin(rows, scorer, reference, spec):
     return spec.get('sd', DEFAULT_MARGIN) * math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def margin_rule(spec):
+    """The margins of ``spec`` (as :func:`margin` reads it) in words."""
+    sd = spec.get('sd', DEFAULT_MARGIN)
+    fixed = [f'{k} ±{v:g}' for k, v in spec.items() if k != 'sd']
+    return (f'{sd:g} standard deviations of the reference\'s scores over its items'
+            + ('' if 'sd' in spec else ' (the default)') + (f'; fixed: {", ".join(fixed)}' if fixed else '')
+            + ' (--margin)')
+
+
 @dataclasses.dataclass
 class Comparison:
     """``method`` against ``reference`` on ``scorer``: mean paired difference, its 95% and 90% intervals, the

@@ -98,8 +98,8 @@ def tuning_lines(tuning, primary):
     return lines
 
 
-def write(path, rows, *, title, setup, methods, prompts, scorers, primary, margins, references, tuning, run,
-          budget, fid=None, command=''):
+def write(path, rows, *, title, setup, methods, prompts, scorers, primary, margins, margin_rule, references, tuning,
+          run, budget, fid=None, command=''):
     """summary.md of the evaluation ``rows`` (every row of ``methods`` on the evaluation items)."""
     plain = reference_plain(methods)
     score = rank_score(rows, primary, tuning, plain)
@@ -114,8 +114,9 @@ def write(path, rows, *, title, setup, methods, prompts, scorers, primary, margi
              'Every method of a (prompt, seed) starts from the same noise. Δ: mean paired difference of scores '
              '(method - reference) with its 95% interval from a bootstrap over prompts that keeps each prompt\'s '
              'seeds together. Verdict: better / worse when the interval excludes 0; equivalent when the 90% '
-             'interval lies within ±margin (two one-sided tests at 5%); else inconclusive. Win rate: share of items '
-             'where the method scores higher (ties half), Wilson 95% interval (items taken as independent).', '',
+             f'interval lies within ±margin (two one-sided tests at 5%; margin: {margin_rule}); else inconclusive. '
+             'Win rate: share of items where the method scores higher (ties half), Wilson 95% interval (items taken '
+             'as independent).', '',
              report.tables(rows, methods, scorers, references, margins, fid)]
     if w2sd is not None and plain is not None:
         lines += ['## Where W2SD helps and hurts most', '', *extremes(rows, prompts, primary, w2sd, plain)]
