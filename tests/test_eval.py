@@ -299,6 +299,7 @@ def test_unscorable_images_are_rows_with_an_error_and_accelerate_on_cpu_is_flagg
                        for r in bad)
     summary = (out / 'summary.md').read_text()
     assert '## Rows not scored' in summary and '| w2sd-paper | 2 | 4 | n/a | - |' in summary
+    assert 'w2sd-paper gave 2 unscorable image(s)' in summary and 'use w2sd-paper' not in summary
 
 
 def test_unscorable_detects_black_and_nan():

@@ -282,3 +282,30 @@ def test_settings_the_hosts_cannot_take_are_said():
     split_cfg = recommend.Run('prompt', 'x', None, 5.5, 1., 2., 'euler', 'native')
     assert 'one Reflection CFG' in recommend.instructions(anchored.__class__.of('w2sd-paper', 9, lam_frac=1.,
                                                                                  strength=1.), split_cfg)[1]
+
+
+def test_recommendation_uses_the_tuned_ranking_and_never_a_family_with_unscorable_images():
+    def rows_for(method, setting, values, error_at=None):
+        return [dict(prompt_index=pi, seed=0, method=method, setting=f'{method} {setting}', steps=8,
+                     params=dict(lam_frac=0.6, strength=0.5) if method.startswith('w2sd') else {},
+                     scores=None if pi == error_at else {'s': v},
+                     **({'error': 'not scored: the image is black'} if pi == error_at else {}))
+                for pi, v in enumerate(values)]
+    base = [1., 2., 3., 4., 5., 6.]
+    rows = (rows_for('plain-nfe', 'T=12', base) + rows_for('w2sd-paper', 'T=8 lam_frac=0.6 strength=0.5',
+                                                           [v + 1 for v in base])
+            + rows_for('autoguidance', 'T=6 w=1', [v + 0.5 for v in base]))
+    methods = ['plain-nfe', 'w2sd-paper', 'autoguidance']
+    margins = {('s', r): 0.1 for r in ('plain-nfe', 'autoguidance')}
+    run = recommend.Run('cfg', 0., None, 5.5, 5.5, 0., 'euler', 'karras')
+    # ranked by the tuning scores: autoguidance won the tuning, so it is the one tested, and it is better
+    tuning = tune.Tuning([], {'a': 0.1, 'b': 0.2}, {'w2sd-paper': 'a', 'autoguidance': 'b'}, [], [], 0, 0.)
+    text = '\n'.join(summary.recommendation(rows, methods, 's', margins, tuning, run, 12))
+    assert 'use autoguidance (T=6 w=1):** s +0.5 [0.5, 0.5] better against plain-nfe' in text
+    assert "W2SD's best setting here is **w2sd-paper**" in text and '`lam` 4' in text
+    # W2SD tuned best, but one of its evaluation images is black: it is not recommended, and that is said
+    tuning.scores = {'a': 0.3, 'b': 0.2}
+    rows[len(base) + 2] = rows_for('w2sd-paper', 'T=8 lam_frac=0.6 strength=0.5', base, error_at=2)[2]
+    text = '\n'.join(summary.recommendation(rows, methods, 's', margins, tuning, run, 12))
+    assert text.startswith('**No method is reliably better than plain sampling at this budget**')
+    assert 'gave 1 unscorable image(s)' in text

@@ -36,25 +36,33 @@ def recommendation(rows, methods, primary, margins, tuning, run, budget):
     top = best(others, score)
     how = ('chosen on the tuning prompts, judged on the evaluation prompts' if tuning is not None else
            'no --tune: chosen and judged on the same prompts, so optimistic; run with --tune for a fair choice')
+    failed = {m: sum(r['method'] == m for r in rows if r.get('error')) for m in methods}
     lines = []
     if top is not None:
         c = report.compare(rows, primary, top, plain, margins[primary, plain])
-        if c.verdict == 'better':
+        if c.verdict == 'better' and not failed[top]:
             lines.append(f'**On this pipeline and pair, at {budget} denoiser calls per image, use {top} '
                          f'({_setting(rows, top)}):** {primary} {report.cell(c)} against {plain} ({how}).')
         else:
             lines.append(f'**No method is reliably better than plain sampling at this budget** ({budget} calls; '
                          f'{plain}, {_setting(rows, plain)}): the best family, {top} ({_setting(rows, top)}), '
-                         f'scores {report.cell(c)} against it on {primary} ({how}).')
-    w2sd = best([m for m in methods if m in M.W2SD or m == 'z-sampling'], score)
+                         f'scores {report.cell(c)} against it on {primary} ({how})'
+                         + (f' and gave {failed[top]} unscorable image(s).' if failed[top] else '.'))
+    elif others:
+        lines.append(f'**No method is reliably better than plain sampling at this budget**: no other family has a '
+                     'scored image.')
+    w2sd_methods = [m for m in methods if m in M.W2SD or m == 'z-sampling']
+    w2sd = best(w2sd_methods, score)
     if w2sd is None:
-        return lines
+        return lines + [f'{m} gave {failed[m]} unscorable image(s) (Rows not scored).' for m in w2sd_methods
+                        if failed[m]]
     ag = best([m for m in methods if m in M.GUIDANCE], score)
     vs = [f'{ref}: {report.cell(report.compare(rows, primary, w2sd, ref, margins[primary, ref]))}'
           for ref in (plain, ag) if ref is not None]
     setting = next(r for r in rows if r['method'] == w2sd)
     lines += ['', f'W2SD\'s best setting here is **{w2sd}** ({_setting(rows, w2sd)}); on {primary} against '
-              + ', against '.join(vs) + '. To use it:', '']
+              + ', against '.join(vs) + '.' + (f' It gave {failed[w2sd]} unscorable image(s) (Rows not scored).'
+                                               if failed[w2sd] else '') + ' To use it:', '']
     lines += instructions(M.Setting.of(w2sd, setting['steps'], **setting['params']), run)
     return lines
 
