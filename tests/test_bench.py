@@ -283,6 +283,18 @@ def test_bench_cli_errors_before_any_suite_runs(tmp_path, capsys, monkeypatch):
     assert parser.parse_args(['bench']).out == 'w2sd-bench'
 
 
+def test_bench_refuses_a_file_for_a_folder_and_an_empty_folder_to_rewrite(tmp_path, capsys):
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    assert f'--out {a_file}: is a file; give a folder' in _cli_error(capsys, 'gmm', '--quick', '--out', str(a_file))
+    assert f'--cache {a_file}: is a file' in _cli_error(capsys, 'digits', '--quick', '--out', str(tmp_path / 'o'),
+                                                        '--cache', str(a_file))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert '--from-json' in _cli_error(capsys, 'all', '--from-json', '--out', str(empty))
+    assert list(empty.iterdir()) == [] and not (tmp_path / 'o').exists()
+
+
 def test_overhead_counts_unet_passes_and_lora_bytes():
     from w2sd_samplers.bench import overhead
     T, lam = 4, 3

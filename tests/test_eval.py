@@ -5,8 +5,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +126,11 @@ def test_rows_are_paired_and_nfe_matched(setup, one_process):
     assert len(table) == len(got)
     assert {(int(t['prompt_index']), int(t['seed']), t['method']): float(t['clip']) for t in table} == \
         {k: r['scores']['clip'] for k, r in got.items()}
+    # the command it records runs from the results folder and names no folder of this machine
+    assert str(root) not in summary
+    assert (f'`w2sd eval ../model --pair cfg:1 --prompts ../prompts.txt --seeds 2 --methods {METHODS} --steps {STEPS} '
+            f'--nfe {NFE} --cfg {CFG} --scorer clip:../clip --out . --cpu --no-progress` (paths relative to this '
+            'folder)') in summary
 
 
 def test_the_recommended_generate_command_reproduces_the_eval_image(setup, one_process, tmp_path):
@@ -309,19 +316,6 @@ def test_unscorable_detects_black_and_nan():
     assert scorers.unscorable(Image.new('RGB', (8, 8), (0, 0, 1)), torch.zeros(1)) is None
 
 
-def test_interrupt_is_one_line_and_keeps_the_rows(setup, monkeypatch, capsys, tmp_path):
-    root, clip = setup
-
-    def interrupted(*a, **kw):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(runner, 'work', interrupted)
-    with pytest.raises(SystemExit) as e:
-        standalone(swap(args(root, clip, tmp_path / 'out'), '--methods', 'plain'))
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and 'Traceback' not in err and len(err.strip().splitlines()) == 1
-    assert 'run the same command with --resume' in err
-
-
 def test_help_shows_the_defaults(capsys, monkeypatch):
     monkeypatch.setenv('COLUMNS', '1000')             # no wrapping inside a default
     with pytest.raises(SystemExit):
@@ -391,7 +385,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, capsys, tmp_path
         (base + ['--primary', 'pickscore'], '--primary pickscore: not one of the --scorer kinds'),
         (base + ['--tune', '--tune-fraction', '0.25'], '--tune-fraction 0.25: leaves 0 tuning'),
         (base + ['--tune-prompts', str(root / 'prompts.txt')], '--tune-prompts: add --tune'),
-        ([str(empty_index)] + base[1:], "MODEL " + str(empty_index) + ": model_index.json has no '_class_name'"),
+        ([str(empty_index)] + base[1:], f'MODEL {empty_index}: model_index.json names no pipeline class'),
+        (with_('--pair', f'weights:{empty_index}', '--methods', 'w2sd-paper'),
+         f'--pair weights: {empty_index}: model_index.json names no pipeline'),
     ]
     import importlib.util
     for argv, message in cases:
@@ -436,6 +432,26 @@ def test_lora_and_prompt_pairs(setup, tmp_path):
         # the legs run at CFG 1, the main step at 5.5: strong is not main, so guidance costs 3 calls per step
         assert got['autoguidance']['nfe_roles'] == {'main': 2, 'strong': 2, 'weak': 2}
         assert got['w2sd-paper']['nfe_roles'] == {'main': 2, 'strong': 1, 'weak': 1}
+
+
+def test_ctrl_c_is_one_line_saying_resume_continues(setup, tmp_path):
+    root, clip = setup
+    out = tmp_path / 'run'
+    argv = args(root, clip, out)
+    argv[argv.index('--seeds') + 1] = '20'              # far more rows than arrive before the interrupt
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get('PYTHONPATH', ''),
+               OMP_NUM_THREADS='1')
+    run = subprocess.Popen([sys.executable, '-m', 'w2sd_samplers.eval', *argv], env=env, stderr=subprocess.PIPE,
+                           text=True)
+    shard, deadline = out / 'shard-0.jsonl', time.monotonic() + 600
+    while run.poll() is None and time.monotonic() < deadline and not (shard.exists() and shard.read_text()):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=300)[1]
+    assert run.returncode == 130 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == f'w2sd eval: interrupted; --resume continues (the rows so far are in {out})'
+    written = [json.loads(line) for line in shard.read_text().splitlines()]     # whole rows only
+    assert written and all(r.keys() >= {'prompt_index', 'seed', 'method', 'scores'} for r in written)
 
 
 def test_scorers_from_local_folders(setup, tmp_path):

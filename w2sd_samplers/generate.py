@@ -20,6 +20,7 @@ from .sampling import SAMPLERS
 
 FAMILIES = ('sd', 'sdxl', 'animatediff')
 SCHEDULES = ('native', 'karras', 'exponential')
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)            # what torch.Generator.manual_seed takes
 
 
 @dataclasses.dataclass
@@ -260,6 +261,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     _check_choice('schedule', schedule, SCHEDULES)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f'seed must be an int, got {type(seed).__name__}')
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f'seed must be an integer from -2**63 to 2**64 - 1, got {seed}')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
     for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):

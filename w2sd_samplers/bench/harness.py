@@ -20,7 +20,7 @@ import torch
 
 from .. import guidance
 from ..nfe import CallCounter
-from ..tuning import reflected
+from ..tuning import largest_steps, reflected, select, stand_in
 from .methods import (AUTOGUIDANCE_WINDOWS, AUTOGUIDANCE_WS, METHODS, OWN_SAMPLER, RESAMPLING_FRACS, RESTARTS,
                       W2SD_VARIANTS)
 
@@ -110,51 +110,52 @@ class Runner:
     def tuned(self, pair, sampler, candidates, budget=None):
         """The candidate ``(method, steps, params)`` with the best tuning score, evaluated; its counted NFE is
         checked against ``budget``."""
-        best = min(candidates, key=lambda c: self.tune_score(pair, sampler, *c))
+        best = select(candidates, lambda c: self.tune_score(pair, sampler, *c))
         res = self.evaluate(pair, sampler, *best)
         if budget is not None and res.nfe > budget:
             raise AssertionError(f'{res.method} used {res.nfe} NFE, over the budget {budget}')
         return res
 
-    def _fit(self, nfe_of, budget):
-        """The largest ladder step count whose NFE fits the budget (None if none does)."""
-        fits = [s for s in self.suite.ladder if s >= 2 and nfe_of(s) <= budget]
-        return max(fits) if fits else None
+    def nfe(self, pair, sampler, method, steps, params):
+        """The NFE of one run, counted on stand-in denoisers (no model runs)."""
+        stand_ins = pair.with_denoisers(stand_in, stand_in, None)
+        return self.sample(stand_ins, OWN_SAMPLER.get(method, sampler), method, steps, params, 0, 1)[1]
 
-    def candidates(self, family, budget, steps):
-        """``(method, steps, params)`` candidates of a baseline family with NFE <= budget."""
+    def candidates(self, pair, sampler, family, budget, steps):
+        """``(method, steps, params)`` candidates of a baseline family with NFE <= budget: each setting at the
+        largest ladder step count that fits (see :func:`~w2sd_samplers.tuning.largest_steps`)."""
         s = self.suite
+        ladder = [n for n in s.ladder if n >= 2]
+
+        def fit(method, params, counts=ladder):
+            return largest_steps(lambda n: self.nfe(pair, sampler, method, n, params), budget, counts)
         if family == 'strong':
-            return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if n <= budget]
-        if family == 'ag':
-            fit = self._fit(lambda n: 2 * n, budget)
-            counts = {n for n in (fit, steps) if n is not None and 2 * n <= budget}
+            return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if fit('strong', {}, [n])]
+        if family == 'ag':              # w does not change the NFE; T itself is a candidate too
+            counts = {fit('autoguidance', {'w': 1.}), fit('autoguidance', {'w': 1.}, [steps])} - {None}
             return [('autoguidance', n, {'w': w}) for n in sorted(counts) for w in s.ag_ws]
         if family == 'ag_interval':
             out = []
-            for lo, hi in s.ag_windows:
-                def nfe(n):
-                    return n + sum(lo <= float(sig) <= hi for sig in self.sigmas(n)[:-1])
-                n = self._fit(nfe, budget)
-                out += [] if n is None else [('autoguidance', n, {'w': w, 'window': (lo, hi)}) for w in s.ag_ws]
+            for window in s.ag_windows:
+                n = fit('autoguidance', {'w': 1., 'window': window})
+                out += [] if n is None else [('autoguidance', n, {'w': w, 'window': window}) for w in s.ag_ws]
             return out
         if family == 're-sampling':
             out = []
             for f in s.resampling_fracs:
-                n = self._fit(lambda n: n + reflected(n, f), budget)
+                n = fit('re-sampling', {'lam_frac': f})
                 out += [] if n is None else [('re-sampling', n, {'lam_frac': f})]
             return out
         if family == 'restart':
             out = []
             for r in s.restarts:
                 def nfe(n):
-                    sig = self.sigmas(n)
                     try:
-                        plan = guidance.restart_plan(sig, sigma_lo=r['lo'], sigma_hi=r['hi'], restart_k=r['k'])
+                        guidance.restart_plan(self.sigmas(n), sigma_lo=r['lo'], sigma_hi=r['hi'], restart_k=r['k'])
                     except ValueError:          # sigma_lo snapped to a level at or above sigma_hi
-                        return budget + 1
-                    return guidance.restart_nfe(sig, plan)
-                n = self._fit(nfe, budget)
+                        return None
+                    return self.nfe(pair, sampler, 'restart', n, r)
+                n = largest_steps(nfe, budget, ladder)
                 out += [] if n is None else [('restart', n, r)]
             return out
         raise ValueError(f'unknown baseline family {family!r}')
@@ -163,7 +164,7 @@ class Runner:
         """Every baseline family tuned at NFE <= budget (families with no candidate that fits are left out)."""
         out = {}
         for family in self.suite.families:
-            cands = self.candidates(family, budget, steps)
+            cands = self.candidates(pair, sampler, family, budget, steps)
             if cands:
                 out[family] = self.tuned(pair, sampler, cands, budget)
         return out

@@ -11,7 +11,6 @@ run, or extends it with more seeds, prompts appended to --prompts, or more metho
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -19,7 +18,8 @@ import torch
 
 from ..eval import methods as M, recommend, report, runner, scorers as S, summary, tune
 from ..eval.store import Store, flag, key
-from .common import HelpFormatter, UsageError, at_least, finite_float, load_pipeline, run
+from .common import (HelpFormatter, UsageError, at_least, finite_float, load_pipeline, quiet_loaders,
+                     recorded_command, run)
 
 PAIRS = ('cfg', 'prompt', 'weights', 'lora')
 DEFAULT_METHODS = 'plain,plain-nfe,w2sd-paper,w2sd-anchored,autoguidance,autoguidance-interval'
@@ -117,7 +117,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser('eval', help='paired, matched-NFE evaluation on a local diffusers pipeline',
                               description=__doc__, formatter_class=HelpFormatter)
     configure(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=interruptible)
     return p
 
 
@@ -125,7 +125,7 @@ def standalone(argv=None):
     """``python -m w2sd_samplers.eval`` (what ``accelerate launch`` / ``torchrun -m`` run)."""
     p = argparse.ArgumentParser(prog='w2sd eval', description=__doc__, formatter_class=HelpFormatter)
     configure(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=interruptible)
     args = p.parse_args(argv)
     args.command_line = sys.argv[1:] if argv is None else list(argv)
     run(p, args, 'w2sd eval')
@@ -203,7 +203,7 @@ def _pair_options(pipe, kind, value, scales, args, device, dtype):
     elif kind == 'prompt':
         options['weak_prompt'] = value
     elif kind == 'weights':
-        options['weak_model'] = load_pipeline(value, f'--pair weights:{value}', device, dtype)
+        options['weak_model'] = load_pipeline(value, '--pair weights:', device, dtype)
     else:
         try:
             pipe.load_lora_weights(value, adapter_name='w2sd_lora')
@@ -301,17 +301,17 @@ def _split(args, prompts, tune_prompts, stored):
     return [(stored['prompts'] if stored else prompts)[i] for i in split], rest, split
 
 
+def interruptible(args):
+    """:func:`main`, with Ctrl-C said in one line: every row on disk is whole or dropped on resume."""
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f'w2sd eval: interrupted; --resume continues (the rows so far are in {args.out})\n')
+        raise SystemExit(130) from None
+
+
 def main(args):
     """Run ``w2sd eval``; returns the summary path (main process) or None."""
-    try:
-        return _main(args)
-    except KeyboardInterrupt:
-        print(f'w2sd eval: interrupted; the rows written so far are kept in {args.out}: run the same command with '
-              '--resume to continue', file=sys.stderr)
-        sys.exit(130)
-
-
-def _main(args):
     clock = {'start': _now()}
     methods, prompts, tune_prompts, kinds, margin_spec, (kind, value, scales), settings = _check(args)
     store = Store(args.out)
@@ -319,11 +319,8 @@ def _main(args):
     tuning_prompts, eval_indices, split = _split(args, prompts, tune_prompts, stored)
 
     from accelerate import PartialState
-    if args.no_progress:                # also the loaders' bars: an error stays the only line on stderr
-        import diffusers
-        import transformers
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    if args.no_progress:
+        quiet_loaders()
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     _warn_single_cpu_process(state)
     device = state.device
@@ -487,15 +484,15 @@ def _summarise(store, args, methods, prompts, items, settings, tuning, candidate
              f'T = {args.steps}, not matched); {processes} process(es).' +
              (' No --tune: every method at its fixed setting (--lam-frac, --strength, --ag-w, --ag-window).'
               if tuning is None else f' Settings tuned on {len(tuning.prompts)} other prompts (see Tuning).'))
-    argv = getattr(args, 'command_line', None)         # None: run as `w2sd eval ...`
-    if argv is None:
-        argv = sys.argv[sys.argv.index('eval') + 1:] if 'eval' in sys.argv else sys.argv[1:]
+    pair_path = args.pair.partition(':')[2].split(':')[0] if kind in ('weights', 'lora') else None
+    paths = [args.model, args.prompts, args.out, args.fid, args.fid_features, args.tune_prompts, pair_path] + \
+        [spec.partition(':')[2].split(':')[0] for spec in args.scorer]
     path = store.out / 'summary.md'
     summary.write(path, ev, title=f'w2sd eval: {os.path.basename(os.path.normpath(args.model))}, pair {args.pair}',
                   setup=setup, methods=ran, prompts=prompts, scorers=kinds, primary=args.primary, margins=margins,
                   margin_rule=report.margin_rule(margin_spec), references=references, tuning=tuning, run=recipe,
                   budget=args.nfe, fid=fid,
-                  command=f'w2sd eval {shlex.join(argv)}')
+                  command=recorded_command('eval', args, paths, store.out))
     if ev:
         report.grid(store.out / 'grid.png', ev, ran, prompts, lambda p: Image.open(store.out / p))
         report.paired_plot(store.out / 'paired.png', ev, ran, kinds, references, margins)

@@ -11,7 +11,7 @@ from .scorers import ROLES
 def best(families, score):
     """The family with the highest ``score`` (None when there is none); ties go to the earlier family."""
     families = [f for f in families if score(f) == score(f)]
-    return select(families, lambda f: -score(f))[0] if families else None
+    return select(families, lambda f: -score(f)) if families else None
 
 
 def reference_plain(methods):
@@ -137,5 +137,6 @@ def write(path, rows, *, title, setup, methods, prompts, scorers, primary, margi
     if errors:
         lines += ['## Rows not scored', '', *[f'- prompt {r["prompt_index"]} seed {r["seed"]} {r["method"]}: '
                                              f'{r["error"]}' for r in errors], '']
-    lines += ['![image grid](grid.png)', '', '![paired differences](paired.png)', '', f'_Command: `{command}`_', '']
+    lines += ['![image grid](grid.png)', '', '![paired differences](paired.png)', '',
+              f'_Command: `{command}` (paths relative to this folder)_', '']
     path.write_text('\n'.join(lines), encoding='utf-8')

@@ -84,7 +84,7 @@ def choose(rows, candidates, scorer, prompts, seeds):
     for family in dict.fromkeys(c.method for c in candidates):
         mine = [c for c in candidates if c.method == family and c in means]
         if mine:
-            chosen[family] = select(mine, lambda c: -means[c])[0]
+            chosen[family] = select(mine, lambda c: -means[c])
     labels = {c.label() for c in candidates}
     mine = [r for r in rows if r['method'] in labels]
     return Tuning(candidates, means, chosen, prompts, list(range(seeds)), sum(r['nfe'] for r in mine),
