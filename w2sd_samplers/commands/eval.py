@@ -70,7 +70,7 @@ def configure(p):
                    help=f'repeatable; kinds: {", ".join(S.KINDS)} (local paths only; see docs/eval.md)')
     p.add_argument('--primary', metavar='KIND', help='the scorer that tunes and recommends (default: the first '
                                                      '--scorer)')
-    p.add_argument('--margin', action='append', default=[], metavar='[KIND:]VALUE',
+    p.add_argument('--margin', action='append', metavar='[KIND:]VALUE',
                    help='equivalence margin of the paired differences: VALUE standard deviations of the '
                         f"reference's scores (default {report.DEFAULT_MARGIN}), or KIND:VALUE in that scorer's "
                         'units; repeatable')
@@ -223,7 +223,7 @@ def _scorer_spec(spec):
 def _margins(specs, kinds):
     """``{'sd': default, KIND: absolute}`` from the --margin values."""
     out = {}
-    for spec in specs:
+    for spec in specs or ():
         kind, _, value = spec.rpartition(':')
         try:
             number = finite_float(value)
