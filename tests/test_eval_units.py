@@ -208,9 +208,15 @@ def test_tuning_split_spreads_and_is_stable_when_prompts_are_appended():
 
 
 def test_tuning_candidates_and_scores():
-    plan = {('w2sd-anchored', 1.): None}
-    cands = tune.candidates(['plain-nfe', 'w2sd-anchored', 'autoguidance'],
-                            lambda m, p: plan.get((m, p.get('lam_frac')), 5), 12)
+    plan, asked = {('w2sd-anchored', 1.): None}, []
+
+    def planner(method, params):
+        asked.append((method, params))
+        return plan.get((method, params.get('lam_frac')), 5)
+    cands = tune.candidates(['plain-nfe', 'w2sd-anchored', 'autoguidance'], planner, 12)
+    # planned once per reflected share (strength changes no call count), once for autoguidance (nor does w)
+    assert sorted(p['lam_frac'] for m, p in asked if m == 'w2sd-anchored') == [0.3, 0.6, 1.]
+    assert [m for m, _ in asked].count('autoguidance') == 1
     assert [c.steps for c in cands if c.method == 'plain-nfe'] == [3, 6, 9, 12]
     w2sd = [c for c in cands if c.method == 'w2sd-anchored']
     assert len(w2sd) == 6 and all(c.options['lam_frac'] != 1. for c in w2sd)        # the None plans are out
@@ -309,3 +315,20 @@ def test_recommendation_uses_the_tuned_ranking_and_never_a_family_with_unscorabl
     text = '\n'.join(summary.recommendation(rows, methods, 's', margins, tuning, run, 12))
     assert text.startswith('**No method is reliably better than plain sampling at this budget**')
     assert 'gave 1 unscorable image(s)' in text
+
+
+def test_strength_and_w_change_no_call_count():
+    """Why tune.candidates plans once per setting without its strength or w: the counted calls are the same."""
+    import k_diffusion.sampling as K
+    from w2sd_samplers import pairs, toy
+    roles = pairs.weights(toy.four_modes([.1, .3, .3, .3]), toy.four_modes([0., 1., 1., 1.]))
+    sigmas = K.get_sigmas_karras(9, 0.01, 40.)
+    for method, grid in tune.GRID.items():
+        if method == 'plain-nfe':
+            continue
+        counts = {}
+        for params in grid:
+            key = tuple((k, v) for k, v in sorted(params.items()) if k not in ('strength', 'w'))
+            counts.setdefault(key, set()).add(tuple(sorted(M.dry_nfe(method, roles, sigmas, 'euler',
+                                                                     params).items())))
+        assert all(len(c) == 1 for c in counts.values()), method

@@ -34,14 +34,19 @@ def split(n, fraction):
 def candidates(methods, plan, budget):
     """The :class:`~.methods.Setting` candidates of the tuned families in ``methods``: ``plan(method, params)``
     gives the step count within the budget (None: the candidate reflects or guides nothing, and is left out)."""
-    out = []
+    out, planned = [], {}
     for m in methods:
         for params in GRID.get(m, ()):
             if m == 'plain-nfe':
                 steps = max(1, round(params['budget_frac'] * budget))
                 params = {}
             else:
-                steps = plan(m, params)
+                # a nonzero strength or w scales a step; which steps call which denoiser, hence the step count,
+                # does not depend on its value: plan once per the rest of the setting
+                key = (m, *sorted((k, bool(v) if k in ('strength', 'w') else v) for k, v in params.items()))
+                if key not in planned:
+                    planned[key] = plan(m, params)
+                steps = planned[key]
             if steps is not None:
                 setting = M.Setting.of(m, steps, **params)
                 if setting not in out:
