@@ -131,6 +131,7 @@ def test_per_prompt_csv(tmp_path):
     report.per_prompt_csv(tmp_path / 'p.csv', rows, ['clip', 'aesthetic'])
     got = list(csv.DictReader(open(tmp_path / 'p.csv', encoding='utf-8')))
     assert got[0]['prompt'] == 'a "cat", sitting' and got[0]['clip'] == '31.5' and got[0]['nfe'] == '10'
+    assert got[0]['stage'] == 'eval'
     assert got[1]['clip'] == '' and got[1]['error'].startswith('not scored')
 
 

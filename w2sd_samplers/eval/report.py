@@ -184,15 +184,16 @@ def power_table(rows, scorer, method, reference, margin_value, seeds=(1, 2, 4, 8
 
 
 def per_prompt_csv(path, rows, scorers):
-    """One line per row: prompt, seed, method, steps, NFE, seconds, each score, error."""
+    """One line per row: stage (tune or eval; prompt indices count within each stage's prompts), prompt, seed,
+    method, steps, NFE, seconds, each score, error."""
     with open(path, 'w', newline='', encoding='utf-8') as f:
         w = csv.writer(f)
-        w.writerow(['prompt_index', 'prompt', 'seed', 'method', 'steps', 'nfe', 'seconds', *scorers, 'error',
+        w.writerow(['stage', 'prompt_index', 'prompt', 'seed', 'method', 'steps', 'nfe', 'seconds', *scorers, 'error',
                     'image'])
         for r in rows:
             scores = r.get('scores') or {}
-            w.writerow([r['prompt_index'], r['prompt'], r['seed'], r['method'], r['steps'], r['nfe'],
-                        f'{r["seconds"]:.4f}', *[scores.get(s, '') for s in scorers], r.get('error', ''),
+            w.writerow([r.get('stage', 'eval'), r['prompt_index'], r['prompt'], r['seed'], r['method'], r['steps'],
+                        r['nfe'], f'{r["seconds"]:.4f}', *[scores.get(s, '') for s in scorers], r.get('error', ''),
                         r['image']])
 
 
