@@ -7,6 +7,7 @@ from torch import nn
 from w2sd_samplers.moe import MODES, ExpertRouting, find_gates, routed
 from w2sd_samplers.reflect import reflect
 from rounding import LinearMagnitudes, reorder_bound
+from test_lora import in_scope
 
 DIM, EXPERTS, K = 8, 6, 2
 
@@ -214,12 +215,13 @@ def flipped_copy(model):
     return flipped
 
 
-def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model):
+@pytest.mark.parametrize('form', [routed, lambda model, routing, mode: in_scope(model, routing.mode, mode)])
+def test_two_threads_with_different_routings_get_exactly_their_own_outputs(model, form):
     import threading
     snap = snapshot(model)
     routing = ExpertRouting(model)
     x, sigma = torch.randn(1, 3, DIM), torch.ones(1)
-    legs = {m: routed(model, routing, m) for m in MODES}
+    legs = {m: form(model, routing, m) for m in MODES}
     alone = {m: d(x, sigma) for m, d in legs.items()}
     barrier, mismatches = threading.Barrier(2), []
 

@@ -167,6 +167,36 @@ def test_pipeline_pair_adds_the_extra_inputs_to_strong_and_main_only():
     torch.testing.assert_close(d(x, sigma, **ea), d_u + 0.5 * (d_c - d_u))
 
 
+@pytest.mark.parametrize('with_uncond', [True, False])
+def test_pipeline_pair_runs_anchored_and_under_difference_guidance_like_its_separate_legs(with_uncond):
+    """The strong legs carry an input the weak one lacks, so their conditioning cannot share one batch: the legs run
+    one forward per layout. Each forward sees the same batch as its leg alone and the same CFG arithmetic, so the
+    results are equal to the separate-leg computation exactly."""
+    cond, uncond, x = conds()
+    uncond = uncond if with_uncond else None
+    ctrl = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    counted = Rows(inner)
+    r = pairs.pipeline(counted, {'ctrl': ctrl}, cond, uncond)
+    cfg = CFGDenoiser(inner)
+    if with_uncond:
+        strong = dict(cond={**cond, 'ctrl': ctrl}, uncond={**uncond, 'ctrl': ctrl}, cond_scale=0.5)
+        separate = pairs.Roles(main=cfg, extra_args={**strong, 'cond_scale': 5.5}, strong=cfg,
+                               strong_extra_args=strong, weak=cfg,
+                               weak_extra_args=dict(cond=cond, uncond=uncond, cond_scale=0.5))
+    else:
+        separate = pairs.Roles(main=inner, extra_args={**cond, 'ctrl': ctrl}, weak=inner, weak_extra_args=cond)
+    sigmas = K.get_sigmas_karras(6, 0.1, 10.)
+    got = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd(form='anchored'))
+    want = sample_w2sd_euler(separate.main, x * 10, sigmas, extra_args=separate.extra_args, disable=True,
+                             **separate.w2sd(form='anchored'))
+    assert torch.equal(got, want)
+    sigma = torch.full([3], 2.)
+    counted.calls = 0
+    got = guidance.difference_guidance(r, 1.)(x, sigma, **r.extra_args)
+    assert torch.equal(got, guidance.difference_guidance(separate, 1.)(x, sigma, **separate.extra_args))
+    assert counted.calls == 2  # main and strong (same inputs) in one forward, the weak leg in another
+
+
 def test_compose_sums_the_differences_at_2k_minus_1_calls():
     counter = CallCounter()
     gmm = [counter.wrap(toy.four_modes(w), str(k)) for k, w in

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from w2sd_samplers import _kdiff
 from w2sd_samplers.guidance import heun_step
-from w2sd_samplers.reflect import Reflection, check_sigmas
+from w2sd_samplers.reflect import Reflection, check_sigmas, check_x
 from w2sd_samplers.sampling import SAMPLERS, sample_w2sd_deis, sample_w2sd_dpm_fast, w2sd_signature
 
 
@@ -56,7 +56,7 @@ def sample_w2sd_restart(model, x, sigmas, extra_args=None, callback=None, disabl
     check_sigmas(sigmas)
     sigmas, step_list = restart_schedule(sigmas, restart_list)
     refl = Reflection(model, sigmas, {} if extra_args is None else extra_args, **w2sd)
-    model, extra_args, s_in = refl.main, refl.extra_args, x.new_ones([x.shape[0]])
+    model, extra_args, s_in = refl.main, refl.extra_args, check_x(x).new_ones([x.shape[0]])
     last_sigma = None
     for step_id, (sigma, sigma_next, i) in enumerate(tqdm(step_list, disable=disable)):
         if last_sigma is None:
