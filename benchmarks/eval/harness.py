@@ -193,6 +193,12 @@ def write_section(result, args, ratio):
         for rank, p in result[k]['per_process'].items():
             lines.append(f'| {k} proc., rank {rank} | ' + ' | '.join(
                 f'{w:.1f}' + ('' if c is None else f' ({c:.1f})') for w, c in p['phases'].values()) + ' |')
+    cpu = {k: max(sum(c for _, c in p['phases'].values() if c is not None) for p in result[k]['per_process'].values())
+           for k in (1, n)}
+    lines += ['', f'CPU seconds of the busiest process: {cpu[1]:.1f} with 1 process, {cpu[n]:.1f} with {n}. On an '
+              'idle machine with a core per process, where wall time is CPU time, that predicts '
+              f'{cpu[1] / cpu[n]:.2f}x the rows per second; the wall-time ratio above also holds the other jobs of '
+              'the machine.']
     load = ', '.join(f'{v:.1f}' for v in result['load_average'])
     lines += ['', f'_Command: `PYTHONPATH=. python benchmarks/eval/harness.py WORK throughput --seeds {args.seeds} '
               f'--steps {args.steps} --nfe {args.nfe} --write`; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, '
