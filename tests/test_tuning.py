@@ -25,15 +25,15 @@ def test_eval_finds_the_largest_count_when_a_sigma_window_makes_nfe_jump():
     # Euler W2SD reflecting the steps with 1 <= sigma <= 10 of a Karras schedule: 8 steps put 3 sigmas in the
     # window (14 calls), 9 steps only 2 (13 calls). A bisection over the step count stopped at 7.
     roles = pairs.weights(toy.four_modes([.1, .3, .3, .3]), toy.four_modes([0., 1., 1., 1.]))
-    o = M.Options('euler', window=(1., 10.))
+    params = dict(window=(1., 10.), strength=1.)
 
     def sigmas(n):
         return K.get_sigmas_karras(n, 0.01, 40.)
     for n in range(2, 20):                 # the closed form: one call per step, two (the legs) per reflected step
         inside = int(((sigmas(n)[:-1] >= 1) & (sigmas(n)[:-1] <= 10)).sum())
-        assert sum(M.dry_nfe('w2sd-paper', roles, sigmas(n), o).values()) == n + 2 * inside
-    assert M.choose_steps('w2sd-paper', roles, sigmas, 13, o) == 9
-    assert M.choose_steps('w2sd-paper', roles, sigmas, 12, o) == 7
+        assert sum(M.dry_nfe('w2sd-paper', roles, sigmas(n), 'euler', params).values()) == n + 2 * inside
+    assert M.choose_steps('w2sd-paper', roles, sigmas, 13, 'euler', params) == 9
+    assert M.choose_steps('w2sd-paper', roles, sigmas, 12, 'euler', params) == 7
 
 
 @pytest.mark.parametrize('sampler', ['euler', 'dpmpp_2m'])

@@ -221,6 +221,9 @@ def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None
     """The :class:`PipelinePair` of :func:`generate`'s pair options (same meaning, same defaults) for ``prompt``;
     a LoRA adapter's state is restored on exit."""
     from .adapters.unet import unet_denoiser
+    for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
+        if value is not None and not finite_number(value):      # a NaN scale samples black images
+            raise ValueError(f'{name} must be a finite number, got {value!r}')
     fam = family(pipe)
     device = pipe._execution_device           # the UNet's device, or the offload target
     vsf = pipe.vae_scale_factor

@@ -1,4 +1,4 @@
-"""The compared methods on one pipeline pair, each at the largest step count within the NFE budget.
+"""The compared methods on one pipeline pair, each run at a :class:`Setting` (step count and parameters).
 
 No sampling math here: plain sampling is k-diffusion's, W2SD the library's samplers on the pair's
 :class:`~w2sd_samplers.pairs.Roles`, autoguidance :func:`~w2sd_samplers.guidance.difference_guidance`, Z-Sampling
@@ -15,23 +15,43 @@ from ..tuning import largest_steps, reflected, stand_in
 # name -> W2SD form options; None: not a W2SD run
 METHODS = {
     'plain': None,              # plain sampling at --steps (the run you have today; NFE not matched)
-    'plain-nfe': None,          # plain sampling at the largest step count within the budget
+    'plain-nfe': None,          # plain sampling at the largest (or, with --tune, the best) step count in the budget
     'w2sd-paper': dict(form='paper', weak_sigma='current'),
     'w2sd-next': dict(form='paper', weak_sigma='next'),
     'w2sd-anchored': dict(form='anchored', weak_sigma='current'),
-    'autoguidance': None,       # difference guidance D_main + w (D_strong - D_weak), with a sigma window
-    'z-sampling': None,         # W2SD on the CFG pair with Z-Sampling's settings (CFG pairs only)
+    'autoguidance': None,       # difference guidance D_main + w (D_strong - D_weak) on every step
+    'autoguidance-interval': None,  # the same, on a sigma window only (a guidance interval)
+    'z-sampling': None,         # W2SD-paper on the CFG pair's roles (CFG pairs only)
 }
+W2SD = tuple(m for m, form in METHODS.items() if form is not None)
+GUIDANCE = ('autoguidance', 'autoguidance-interval')
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-    sampler: str = 'euler'
-    lam_frac: float = 1.            # reflected share of the T - 1 reflectable steps (1 = the paper's lambda)
-    strength: float = 1.
-    window: tuple = None            # W2SD sigma window (lo, hi), instead of lam_frac
-    ag_w: float = 1.
-    ag_window: tuple = None
+class Setting:
+    """One method at one step count: ``params`` are ``lam_frac``, ``strength`` and optionally ``window`` for W2SD
+    and Z-Sampling, ``w`` and optionally ``window`` for autoguidance, nothing for plain sampling."""
+    method: str
+    steps: int
+    params: tuple = ()          # sorted (name, value) pairs: hashable and JSON-friendly through dict()
+
+    @classmethod
+    def of(cls, method, steps, **params):
+        return cls(method, steps, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                               for k, v in params.items())))
+
+    @property
+    def options(self):
+        return dict(self.params)
+
+    def label(self):
+        """'w2sd-anchored T=17 lam_frac=0.6 strength=0.5' (the tuning rows' method name)."""
+        text = ' '.join(f'{k}={_text(v)}' for k, v in self.params)
+        return f'{self.method} T={self.steps}' + (f' {text}' if text else '')
+
+
+def _text(value):
+    return '-'.join(f'{v:g}' for v in value) if isinstance(value, tuple) else f'{value:g}'
 
 
 def roles_for(method, pair):
@@ -43,21 +63,20 @@ def roles_for(method, pair):
                                weak_scale=weak['cond_scale'])
 
 
-def run(method, roles, x, sigmas, o):
-    """``method``'s samples from ``x`` on ``sigmas`` with ``roles``."""
-    K = _kdiff.sampling()
-    plain = getattr(K, f'sample_{o.sampler}')
-    if METHODS[method] is None and method != 'z-sampling':
+def run(method, roles, x, sigmas, sampler, params):
+    """``method``'s samples from ``x`` on ``sigmas`` with ``roles``, a k-diffusion ``sampler`` and ``params``
+    (:class:`Setting`'s)."""
+    if method.startswith('plain') or method in GUIDANCE:
         model = roles.main if method.startswith('plain') else guidance.difference_guidance(
-            roles, o.ag_w, sigma_window=o.ag_window)
-        return plain(model, x, sigmas, extra_args=roles.extra_args, disable=True)
-    if method == 'z-sampling':
-        w2sd = {}                   # Z-Sampling's own setting: every step but the last, strength 1
-    elif o.window is not None:
-        w2sd = dict(METHODS[method], strength=o.strength, sigma_window=o.window)
+            roles, params['w'], sigma_window=params.get('window'))
+        return getattr(_kdiff.sampling(), f'sample_{sampler}')(model, x, sigmas, extra_args=roles.extra_args,
+                                                               disable=True)
+    w2sd = dict(METHODS.get(method) or {}, strength=params['strength'])
+    if params.get('window') is not None:
+        w2sd['sigma_window'] = params['window']
     else:
-        w2sd = dict(METHODS[method], strength=o.strength, lam=reflected(len(sigmas) - 1, o.lam_frac))
-    return SAMPLERS[o.sampler](roles.main, x, sigmas, extra_args=roles.extra_args, disable=True, **roles.w2sd(**w2sd))
+        w2sd['lam'] = reflected(len(sigmas) - 1, params['lam_frac'])
+    return SAMPLERS[sampler](roles.main, x, sigmas, extra_args=roles.extra_args, disable=True, **roles.w2sd(**w2sd))
 
 
 def counted(roles, counter, denoiser=None):
@@ -68,21 +87,22 @@ def counted(roles, counter, denoiser=None):
                                weak=wrap(roles.weak, 'weak'))
 
 
-def dry_nfe(method, roles, sigmas, o):
+def dry_nfe(method, roles, sigmas, sampler, params):
     """Denoiser calls per role of ``method`` on ``sigmas``, counted on a stand-in denoiser (no model runs)."""
     counter = CallCounter()
-    run(method, counted(roles, counter, stand_in), sigmas.new_zeros([1, 1]), sigmas, o)
+    run(method, counted(roles, counter, stand_in), sigmas.new_zeros([1, 1]), sigmas, sampler, params)
     return counter.counts
 
 
-def choose_steps(method, roles, sigmas_of, budget, o):
+def choose_steps(method, roles, sigmas_of, budget, sampler, params):
     """The largest step count whose counted NFE is <= ``budget`` (:func:`~w2sd_samplers.tuning.largest_steps`),
     or None when even that count leaves the weak leg unused (a 'W2SD' or guidance run that would be plain
     sampling)."""
     def nfe(steps):
-        return sum(dry_nfe(method, roles, sigmas_of(steps), o).values())
+        return sum(dry_nfe(method, roles, sigmas_of(steps), sampler, params).values())
     # one call per step at least: more than `budget` steps never fit
     steps = largest_steps(nfe, budget, range(1, budget + 1))
-    if steps is None or (not method.startswith('plain') and not dry_nfe(method, roles, sigmas_of(steps), o)['weak']):
+    if steps is None or (not method.startswith('plain')
+                         and not dry_nfe(method, roles, sigmas_of(steps), sampler, params)['weak']):
         return None
     return steps

@@ -19,6 +19,12 @@ import torch
 from ..errors import UsageError
 
 KINDS = ('clip', 'pickscore', 'aesthetic', 'hpsv2', 'imagereward')
+# What each scorer measures. Alignment: does the image show the prompt (CLIP similarity, not trained on human
+# judgements). Preference: trained on human choices between images of one prompt (PickScore on Pick-a-Pic, HPSv2 on
+# HPD v2, ImageReward on its 137k expert comparisons), so it mixes alignment with quality and taste. Aesthetic: a
+# regressor on human aesthetic ratings of images alone; it ignores the prompt.
+ROLES = {'clip': 'alignment', 'pickscore': 'preference', 'hpsv2': 'preference', 'imagereward': 'preference',
+         'aesthetic': 'aesthetic (ignores the prompt)'}
 
 
 def _need(spec, path):
@@ -41,6 +47,7 @@ def check(spec):
     if kind in ('clip', 'pickscore', 'aesthetic'):
         for name in ('config.json', 'model.safetensors'):
             _need(spec, os.path.join(paths[0], name))
+        _check_clip_folder(spec, paths[0])
     for p in paths[1:] if kind in ('clip', 'pickscore', 'aesthetic') else paths:
         _need(spec, p)
     if kind == 'aesthetic' and not paths[1].endswith('.safetensors'):
@@ -59,14 +66,39 @@ def load(spec, device):
     return _CLIPSimilarity(model, processor, kind)
 
 
+def _check_clip_folder(spec, folder):
+    """A CLIP model (both towers) with its processor, read from config.json before anything is loaded."""
+    import json
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            model_type = json.load(f).get('model_type')
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != 'clip':
+        raise UsageError(f'--scorer {spec}: {folder} holds a {model_type or "non-transformers"} model, not a CLIP '
+                         'model with image and text towers (CLIPModel.save_pretrained)')
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in ('processor_config.json',
+                                                                  'preprocessor_config.json')):
+        raise UsageError(f'--scorer {spec}: {folder} has no CLIP processor (processor_config.json); save one into '
+                         'it with CLIPProcessor.save_pretrained')
+
+
 def _clip(spec, folder, device):
     import transformers
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()      # its load reports would bury the one-line error
     try:
-        model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        model, info = transformers.CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                             output_loading_info=True)
         processor = transformers.CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UsageError(f'--scorer {spec}: {folder} is not a transformers CLIP folder with its processor '
                          f'({str(e).splitlines()[0]})') from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if info['missing_keys']:
+        raise UsageError(f'--scorer {spec}: {folder} lacks {len(info["missing_keys"])} of the CLIP model\'s weights '
+                         f'(e.g. {sorted(info["missing_keys"])[0]}); it would score with random weights')
     return model.eval().to(device), processor
 
 
@@ -191,3 +223,14 @@ def reference_images(folder, size):
                                  f'{size[0]}x{size[1]}; resize the reference images to the generated size')
             images.append(im.convert('RGB'))
     return images
+
+
+def unscorable(image, latents):
+    """Why ``image`` must not be scored, or None: a scorer gives a black or NaN-born image a number like any other
+    (CLIP even rates it above real images), which would count a failed sample as a result."""
+    import torch
+    if not torch.isfinite(latents).all():
+        return 'the sampler produced NaN or inf latents'
+    if max(hi for _, hi in image.getextrema()) == 0:
+        return 'the image is black'
+    return None
