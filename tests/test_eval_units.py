@@ -242,7 +242,9 @@ def comfy_inputs():
 
 
 def webui_labels():
-    return re.findall(r"label='([^']+)'", (ROOT / 'wrappers' / 'sd_webui' / 'scripts' / 'w2sd.py').read_text())
+    """The panel's labels, as the webui extension defines them (options.LABELS)."""
+    text = (ROOT / 'wrappers' / 'sd_webui' / 'w2sd_sdwebui' / 'options.py').read_text()
+    return re.findall(r"'\w+': '([^']+)'", re.search(r'LABELS = \{(.*?)\}', text, re.S).group(1))
 
 
 @pytest.mark.parametrize('kind, value, scales, strong, weak', [
