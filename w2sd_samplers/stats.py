@@ -47,3 +47,40 @@ def holm(pvalues):
         running = max(running, min(1., (len(pvalues) - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
+
+
+def _diffs(a, b):
+    if len(a) != len(b):
+        raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return d, mean, math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1))
+
+
+def tost_p(a, b, margin):
+    """Equivalence of paired ``a`` and ``b`` within ``±margin`` (two one-sided t-tests, Schuirmann 1987): the
+    larger of the two one-sided p-values; below alpha, ``|mean(a - b)| < margin`` is shown at level alpha."""
+    if not margin > 0:
+        raise ValueError(f'margin must be > 0, got {margin!r}')
+    d, mean, sd = _diffs(a, b)
+    if sd == 0:
+        return 0. if abs(mean) < margin else 1.
+    t, se, df = _scipy_stats().t, sd / math.sqrt(len(d)), len(d) - 1
+    return float(max(t.sf((mean + margin) / se, df), t.cdf((mean - margin) / se, df)))
+
+
+def paired_power(sd, effect, n, alpha=0.05):
+    """Power of the two-sided paired t-test at level ``alpha`` to detect a mean difference ``effect`` with ``n``
+    pairs whose differences have standard deviation ``sd`` (non-central t)."""
+    if n < 2:
+        return float('nan')
+    if sd == 0:
+        return 1. if effect else alpha
+    t, nct, df = _scipy_stats().t, _scipy_stats().nct, n - 1
+    crit, nc = t.ppf(1 - alpha / 2, df), abs(effect) / sd * math.sqrt(n)
+    return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc))
+
+
+def pairs_for_power(sd, effect, power=0.8, alpha=0.05, most=10_000):
+    """The smallest number of pairs whose paired t-test reaches ``power`` for ``effect`` (None above ``most``)."""
+    return next((n for n in range(2, most + 1) if paired_power(sd, effect, n, alpha) >= power), None)
