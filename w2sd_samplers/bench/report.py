@@ -188,6 +188,24 @@ def verdict_words(groups):
     return lines
 
 
+def variant(params):
+    """The W2SD variant a setting belongs to."""
+    return 'anchored' if params['form'] == 'anchored' else 'next' if params['weak_sigma'] == 'next' else 'paper'
+
+
+def w2sd_picks(groups):
+    """((variant, λ fraction, strength), cells) of W2SD's tuned picks, most frequent first (ties in grid order)."""
+    counts = {}
+    for g in groups:
+        for m in g['models']:
+            for b in m['best']:
+                p = b['w2sd'].params
+                key = (variant(p), p['lam_frac'], p['strength'])
+                counts[key] = counts.get(key, 0) + 1
+    order = {'paper': 0, 'next': 1, 'anchored': 2}
+    return sorted(counts.items(), key=lambda kv: (-kv[1], order[kv[0][0]], kv[0][1], kv[0][2]))
+
+
 def _setup_text(s, groups):
     n_settings = {}
     for g in groups:
@@ -231,6 +249,9 @@ def quality_section(suite, results, header):
     for f in FAMILIES:
         there = [b[f] for b in bests if f in b]
         out.append(f'| {NAMES[f]} | {sum(bool(r.edges) for r in there)} | {len(there)} |')
+    out += ['', '### W2SD\'s tuned setting', '', 'How often each W2SD setting was W2SD\'s pick (tuning seeds, every '
+            'model and cell of this suite):', '', '| variant | λ fraction | strength | cells |', '|---|---|---|---|']
+    out += [f'| {v} | {f:g} | {st:g} | {n} |' for (v, f, st), n in w2sd_picks(groups)]
     for g in groups:
         out += ['', f'### {g["group"]}', '', g['models'][0]['pair'].note, '',
                 'Every family at the paper setting\'s NFE (mean ± interval on the evaluation seeds; NFE; tuned '
