@@ -13,11 +13,13 @@ from .harness import Suite
 QUICK = dict(w2sd_grid=((1., 0.5), (1., 1.)), ag_ws=(0.5, 1.), ag_windows=((0.28, 5.42),), resampling_fracs=(1.,),
              restarts=({'lo': 1., 'hi': 5., 'k': 1},), ladder=(4, 8, 16))
 GMM_CELLS = (('euler', 10), ('euler', 25), ('euler', 50), ('euler_ancestral', 10), ('dpmpp_2m', 10))
-DIGITS_CELLS = (('euler', 10), ('euler', 25), ('euler', 50), ('euler_ancestral', 10), ('dpmpp_2m', 10))
+GMM_ONE_CELL = ('1d-r5', '1d-r0.5', '2d-orthogonal', '2d-opposite', '2d-control', '16d-aligned')   # Euler T = 10 only
+DIGITS_CELLS = (('euler', 10), ('euler', 50), ('euler_ancestral', 10))
 SHAPES_CELLS = (('dpmpp_2m', 10),)
-# trained shapes pairs run on every training seed; the opposite and class-conditional pairs on seed 0 only (this
-# CPU's budget)
+# trained shapes pairs run on every training seed; the class-conditional pair on seed 0 only, the opposite pair not
+# at all (this CPU's budget)
 SHAPES_RETRAINED = ('shapes-aligned', 'shapes-null')
+SHAPES_ONE_MODEL = ('shapes-cfg',)
 SHAPES_EXACT_CELLS = (('dpmpp_2m', 10), ('dpmpp_2m', 25), ('dpmpp_2m', 50), ('euler_ancestral', 10))
 
 
@@ -33,7 +35,7 @@ def gmm_suite(quick=False):
         return Suite('gmm', [p for p in pairs if p.name in ('1d-r2', '2d-missing')], gmm.metric, 'energy',
                      ('euler',), (6,), tune, ev, 100, 100, **QUICK)
     for p in pairs:
-        p.cells = GMM_CELLS
+        p.cells = GMM_CELLS[:1] if p.name in GMM_ONE_CELL else GMM_CELLS
     tune, ev = split_seeds(1, 32)
     return Suite('gmm', pairs, gmm.metric, 'energy', *_cells(GMM_CELLS), tune, ev, 1000, 1000, full_cells=1)
 
@@ -66,7 +68,8 @@ def shapes_suite(cache, quick=False):
                      **dict(QUICK, ladder=(4, 8))), classifier
     tune, ev = split_seeds(1, 8)
     pairs, metric, classifier = shapes.cases(cache, exact_cells=SHAPES_EXACT_CELLS)
-    pairs = [p for p in pairs if p.group in SHAPES_RETRAINED or p.model == 0]
+    pairs = [p for p in pairs if p.group in SHAPES_RETRAINED or p.ideal is not None
+             or p.group in SHAPES_ONE_MODEL and p.model == 0]
     for p in pairs:
         p.cells = p.cells or SHAPES_CELLS
     return Suite('shapes', pairs, metric, 'class_tv', *_cells(SHAPES_CELLS + SHAPES_EXACT_CELLS), tune, ev, 64,
