@@ -184,7 +184,7 @@ def _listed(metric_values):
 
 
 def _panels(runner, suite, pair, sampler, t, results, n):
-    """(label, samples) of strong, weak, each W2SD variant and each baseline family at the paper's NFE."""
+    """(label, samples) of strong and weak at T, each W2SD variant (where run) and each family at the paper's NFE."""
     from ..bench import report
     r = results[pair.name][sampler, t]
     seed = suite.eval_seeds[0]
@@ -192,9 +192,9 @@ def _panels(runner, suite, pair, sampler, t, results, n):
               (f'weak, {t} steps', runner.sample(pair, sampler, 'weak', t, {}, seed, n)[0])]
     panels += [(f'W2SD {v} ({report.settings(c["w2sd"])})',
                 runner.sample(pair, sampler, 'w2sd', t, c['w2sd'].params, seed, n)[0])
-               for v, c in r['variants'].items()]
+               for v, c in r.get('variants', {}).items()]
     for f, b in r['best'].items():
-        if f != 'w2sd':     # W2SD's best is one of its variants above
+        if f != 'w2sd' or 'variants' not in r:     # else W2SD's best is one of its variants above
             panels.append((f'{report.NAMES[f]} ({report.settings(b)})',
                            runner.sample(pair, sampler, b.method, b.steps, b.params, seed, n)[0]))
     return panels
