@@ -120,8 +120,9 @@ def write_results(out):
                   'the observed spread. Wall time per sample (this shared machine, one run) beside the NFE match.',
                   '']
         parts += [f.read_text() for f in verdicts]
-    for f in ([sections / f'{name}.md' for name in QUALITY] + sorted(sections.glob('overhead-*.md'))
-              + sorted(sections.glob('eval-*.md'))):
+    # notes-*.md: what a run's operator adds by hand (e.g. time spent outside `w2sd bench`), kept across reruns
+    for f in (sorted(sections.glob('notes-*.md')) + [sections / f'{name}.md' for name in QUALITY]
+              + sorted(sections.glob('overhead-*.md')) + sorted(sections.glob('eval-*.md'))):
         if f.exists():
             parts.append(f.read_text())
     (out / 'RESULTS.md').write_text('\n'.join(parts))
