@@ -1,4 +1,5 @@
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -347,6 +348,13 @@ def test_bench_cli_quick_gmm_writes_results(tmp_path, capsys):
     # the tables re-rendered from the saved per-seed JSON are the same, under any hash seed
     assert _bench('gmm', '--quick', '--out', str(tmp_path), '--from-json') == 0
     assert (tmp_path / 'RESULTS.md').read_text() == text
+    # the cells in two processes: the same numbers (wall times aside)
+    assert _bench('gmm', '--quick', '--out', str(tmp_path / 'jobs'), '--no-progress', '--jobs', '2') == 0
+
+    def numbers(x):
+        return {k: numbers(v) for k, v in x.items() if k != 'seconds'} if isinstance(x, dict) else x
+    assert numbers(json.loads((tmp_path / 'jobs' / 'gmm.json').read_text())) == \
+        numbers(json.loads((tmp_path / 'gmm.json').read_text()))
     for hash_seed in ('1', '2'):
         subprocess.run([sys.executable, '-m', 'w2sd_samplers.bench', 'gmm', '--quick', '--out', str(tmp_path),
                         '--from-json'], check=True, env=dict(os.environ, PYTHONHASHSEED=hash_seed),

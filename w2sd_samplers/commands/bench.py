@@ -6,14 +6,16 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import multiprocessing
 import pathlib
 import platform
+import resource
 import sys
 import time
 
 import torch
 
-from .common import UsageError, device as torch_device, run
+from .common import UsageError, at_least, device as torch_device, run
 
 SUITES = ('gmm', 'digits', 'shapes', 'overhead')
 QUALITY = ('gmm', 'digits', 'shapes')
@@ -45,6 +47,9 @@ def configure(p):
     p.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
                    help='overhead suite: UNet dtype')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.add_argument('--jobs', type=at_least(1), default=1,
+                   help='quality suites: run their cells in this many processes (the same numbers; the wall time '
+                        'per sample is then each process\'s)')
     p.add_argument('--from-json', action='store_true',
                    help='rewrite the tables and NFE plots of the quality suites from their saved <suite>.json '
                         'without sampling (other plots and the overhead section are kept)')
@@ -78,9 +83,9 @@ def main(args):
         section = out / 'sections' / f'{key}.md'
         if args.from_json and (name == 'overhead' or not section.exists()):
             continue
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         text = RUNNERS[name](args, out)
-        took, cpu = time.perf_counter() - start, time.process_time() - cpu
+        took, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         if args.from_json:              # keep the footer of the run that produced the numbers
             footer = [line for line in section.read_text().splitlines() if line.startswith('_Command:')]
             text += '\n' + '\n'.join(footer) + '\n'
@@ -136,18 +141,42 @@ def verdict_section(suite, verdict_table, groups, quick=False):
     return '\n'.join([f'### {suite.name}', ''] + warning + verdict_table + [''] + verdict_words(groups) + ['', ''])
 
 
-def _run_quality(suite, out, progress, from_json=False):
+def _cpu_seconds():
+    """CPU time of this process and of its finished child processes (``--jobs``)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+_JOBS = None         # (runner, cells) for the forked workers of ``--jobs``
+
+
+def _compare(i):
+    runner, cells = _JOBS
+    return runner.compare(*cells[i])
+
+
+def _run_quality(suite, out, progress, from_json=False, jobs=1):
     from tqdm.auto import tqdm
     from ..bench.harness import Runner
     if from_json:
         saved = json.loads((out / f'{suite.name}.json').read_text())
         return None, {p: {(k.split('/T=')[0], int(k.split('/T=')[1])): _from_jsonable(r) for k, r in v.items()}
                       for p, v in saved.items()}
+    global _JOBS
     runner = Runner(suite)
+    cells = [(p, sampler, t) for p in suite.pairs for sampler, t in suite.cells(p)]
+    _JOBS = runner, cells
+    if jobs > 1:        # forked workers share the trained models; imap keeps the cells' order
+        pool = multiprocessing.get_context('fork').Pool(jobs)
+        done = list(tqdm(pool.imap(_compare, range(len(cells))), total=len(cells), desc=suite.name,
+                         disable=not progress))
+        pool.close()
+        pool.join()
+    else:
+        done = [_compare(i) for i in tqdm(range(len(cells)), desc=suite.name, disable=not progress)]
     results = {}
-    jobs = [(p, sampler, t) for p in suite.pairs for sampler, t in suite.cells(p)]
-    for p, sampler, t in tqdm(jobs, desc=suite.name, disable=not progress):
-        results.setdefault(p.name, {})[sampler, t] = runner.compare(p, sampler, t)
+    for (p, sampler, t), r in zip(cells, done):
+        results.setdefault(p.name, {})[sampler, t] = r
     dump = {p: {f'{s}/T={t}': _jsonable(r) for (s, t), r in v.items()} for p, v in results.items()}
     (out / f'{suite.name}.json').write_text(json.dumps(dump, separators=(',', ':')))
     return runner, results
@@ -205,7 +234,7 @@ def run_gmm(args, out):
     from ..bench import report
     from ..bench.suites import gmm_suite
     suite = gmm_suite(args.quick)
-    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
+    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json, args.jobs)
     text = _write_quality(suite, runner, results, out, 'Gaussian mixtures (exact denoisers, known ideal)',
                           quick=args.quick)
     links = '\n![quality against NFE](gmm_quality_vs_nfe.png)\n\n![2-D point clouds](gmm_points_2d_missing.png)\n'
@@ -226,7 +255,7 @@ def run_digits(args, out):
     from ..bench.suites import digits_suite
     suite, metric, classifier = digits_suite(args.cache or pathlib.Path(args.out) / 'cache', args.quick)
     floor = metric.floor()
-    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
+    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json, args.jobs)
     head = (f'Data: scikit-learn `load_digits` (UCI Optical Recognition of Handwritten Digits, Alpaydin & Kaynak '
             f'1998, CC BY 4.0), {digits.N_HELD_OUT} held out: half the reference for the tuning seeds, half for the '
             f'evaluation seeds. Classifier held-out accuracy {digits.classifier_accuracy(classifier):.3f}. Floor '
@@ -264,7 +293,7 @@ def run_shapes(args, out):
     start = time.perf_counter()
     suite, classifier = shapes_suite(args.cache or pathlib.Path(args.out) / 'cache', args.quick)
     trained = time.perf_counter() - start
-    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json)
+    runner, results = _run_quality(suite, out, not args.no_progress, args.from_json, args.jobs)
     ideal = shapes.sample(4096, shapes.IDEAL_SQUARES, torch.Generator().manual_seed(0))[0]
     floor = shapes.ShapesMetric(classifier)(None, ideal[:suite.n_eval], -1)
     head = ('Data: procedural 16x16 RGB images (`w2sd_samplers/bench/shapes.py`), '
