@@ -57,6 +57,7 @@ def test_power_matches_the_published_sample_size():
     # power (power 0.808 there, 0.798 at n = 33)
     assert stats.paired_power(1., 0.5, 34) == pytest.approx(0.808, abs=0.002)
     assert stats.pairs_for_power(2., 1.) == 34 and stats.pairs_for_power(1., 0.) is None
+    assert stats.paired_power(0.005, 0.0346, 8) == 1.       # a large effect: 1, not nan
     # large n: the normal approximation Phi(d sqrt(n) - z_0.975)
     assert stats.paired_power(1., 0.2, 400) == pytest.approx(0.5 * (1 + math.erf((4 - 1.959964) / 2 ** 0.5)),
                                                              abs=0.003)
