@@ -66,9 +66,9 @@ def test_power_matches_the_published_sample_size():
 def test_select_breaks_ties_by_the_written_order_and_never_picks_nan():
     cands = ['c', 'a', 'b', 'd']
     score = {'a': 1., 'b': 1., 'c': 2., 'd': float('nan')}
-    assert tuning.select(cands, score.get) == ('a', 1.)
-    assert tuning.select(['b', 'a'], score.get) == ('b', 1.)
-    assert tuning.select(['d', 'c'], score.get) == ('c', 2.)
+    assert tuning.select(cands, score.get) == 'a'
+    assert tuning.select(['b', 'a'], score.get) == 'b'
+    assert tuning.select(['d', 'c'], score.get) == 'c'
     with pytest.raises(ValueError):
         tuning.select([], score.get)
 
@@ -178,14 +178,14 @@ def test_compare_tunes_on_tune_seeds_and_keeps_every_family_within_the_nfe():
     assert out['budget'] == 3 * T - 2 and max(r.nfe for r in out['best'].values()) <= out['budget']
     assert list(out['best']) == list(harness.FAMILIES)
     for family, b in out['best'].items():
-        cands = run.candidates(family, out['budget'], T)
+        cands = run.candidates(pair, 'euler', family, out['budget'], T)
         scores = [run.tune_score(pair, 'euler', *c) for c in cands]
         assert b.n_settings == len(cands) and b.tune == min(scores)
         assert (b.method, b.steps, b.params) == cands[scores.index(min(scores))]
     # strong alone: every step count that fits, T and the budget included; the baselines at the largest fit and T
-    assert [c[1] for c in run.candidates('strong', 16, T)] == [4, 6, 8, 12, 16]
-    assert [c[1] for c in run.candidates('ag', 16, T)] == [6, 6, 8, 8]
-    assert len(run.candidates('w2sd', 16, T)) == 1 + 2 * len(suite.w2sd_grid)
+    assert [c[1] for c in run.candidates(pair, 'euler', 'strong', 16, T)] == [4, 6, 8, 12, 16]
+    assert [c[1] for c in run.candidates(pair, 'euler', 'ag', 16, T)] == [6, 6, 8, 8]
+    assert len(run.candidates(pair, 'euler', 'w2sd', 16, T)) == 1 + 2 * len(suite.w2sd_grid)
     for name, c in out['variants'].items():
         assert c['self'].params == c['w2sd'].params and c['self'].nfe == c['w2sd'].nfe
     # only tuning-seed runs are scored at n_tune; evaluation uses the disjoint seeds
@@ -399,6 +399,18 @@ def test_bench_cli_errors_before_any_suite_runs(tmp_path, capsys, monkeypatch):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
     assert parser.parse_args(['bench']).out == 'w2sd-bench'
+
+
+def test_bench_refuses_a_file_for_a_folder_and_an_empty_folder_to_rewrite(tmp_path, capsys):
+    a_file = tmp_path / 'file'
+    a_file.write_text('x')
+    assert f'--out {a_file}: is a file; give a folder' in _cli_error(capsys, 'gmm', '--quick', '--out', str(a_file))
+    assert f'--cache {a_file}: is a file' in _cli_error(capsys, 'digits', '--quick', '--out', str(tmp_path / 'o'),
+                                                        '--cache', str(a_file))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert '--from-json' in _cli_error(capsys, 'all', '--from-json', '--out', str(empty))
+    assert list(empty.iterdir()) == [] and not (tmp_path / 'o').exists()
 
 
 def test_overhead_counts_unet_passes_and_lora_bytes():

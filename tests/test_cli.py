@@ -1,4 +1,5 @@
 """The `w2sd` command: demo output, --version and --help, one-line user errors, no third-party warnings."""
+import argparse
 import os
 import re
 import subprocess
@@ -95,6 +96,8 @@ def test_version_and_every_default_in_help(capsys):
     (['demo', '--steps', '1'], '--steps'),
     (['demo', '--plot', '/no/such/folder/demo.png'], '--plot'),
     (['demo', '--plot', 'demo.txt'], '--plot'),
+    (['demo', '--seed', str(2 ** 70)], '--seed'),
+    (['generate', 'MODEL', '--prompt', 'x', '--seed', str(2 ** 70)], '--seed'),
     (['generate', 'MODEL', '--prompt', 'x', '--steps', '0'], '--steps'),
     (['generate', 'MODEL', '--prompt', 'x', '--lam', '-1'], '--lam'),
     (['generate', 'MODEL', '--prompt', 'x', '--cfg', 'nan'], '--cfg'),
@@ -113,6 +116,26 @@ def test_user_errors_are_one_line_naming_the_flag_before_any_work(capsys, monkey
     if 'MODEL' in argv:                                  # a stand-in folder name: it must not even be opened
         monkeypatch.setattr('w2sd_samplers.commands.generate.load_pipeline', no_work)
     assert flag in usage_error(capsys, argv)
+
+
+def test_a_model_folder_whose_index_names_no_pipeline_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / 'model_index.json').write_text('{}')
+    message = usage_error(capsys, ['generate', str(tmp_path), '--prompt', 'x', '--out', str(tmp_path / 'a.png')])
+    assert message == f'w2sd generate: error: MODEL {tmp_path}: model_index.json names no pipeline class ' \
+                      '(_class_name); give a folder written by pipe.save_pretrained'
+
+
+def test_recorded_command_writes_paths_relative_to_the_results_folder(tmp_path):
+    from w2sd_samplers.commands.common import recorded_command
+    out = tmp_path / 'runs' / 'first'
+    lora = str(tmp_path / 'my lora.safetensors')
+    argv = [str(tmp_path / 'model'), '--pair', f'lora:{lora}:1:-1', '--scorer', f'clip:{tmp_path}/clip',
+            f'--out={out}', '--negative-prompt', 'model', '--cache', 'cache']
+    args = argparse.Namespace(command_line=argv)
+    text = recorded_command('eval', args, [str(tmp_path / 'model'), lora, f'{tmp_path}/clip', str(out), 'cache'], out)
+    cwd = os.path.relpath(os.getcwd(), out)
+    assert text == ("w2sd eval ../../model --pair 'lora:../../my lora.safetensors:1:-1' --scorer clip:../../clip "
+                    f"--out=. --negative-prompt model --cache {cwd}/cache")
 
 
 def test_device_that_this_machine_lacks_is_a_usage_error(capsys):
@@ -134,7 +157,9 @@ def test_generate_names_flags_checks_paths_before_sampling_and_prints_what_it_wr
         assert '--out' in usage_error(capsys, base + ['--weak-cfg', '1', '--out', str(tmp_path / 'a.mp3')])
         out = tmp_path / 'cat.png'
         main(base + ['--weak-cfg', '1', '--out', str(out)])
-    assert capsys.readouterr().out.strip().endswith(f'wrote {out}') and out.stat().st_size > 0
+    printed = capsys.readouterr()
+    assert printed.out.strip().endswith(f'wrote {out}') and out.stat().st_size > 0
+    assert 'Loading pipeline components' not in printed.err           # --no-progress: no loader bars either
     assert not [w for w in caught if 'torch_dtype' in str(w.message)]   # loads with diffusers' current dtype=
 
 

@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -101,6 +103,11 @@ def test_rows_are_paired_and_nfe_matched(setup, one_process):
     assert got[0, 0, 'plain']['scores'] != got[0, 1, 'plain']['scores']
     summary = (one_process / 'summary.md').read_text()
     assert all(f'| {m} |' in summary for m in METHODS.split(',')) and 'win rate vs autoguidance' in summary
+    # the command it records runs from the results folder and names no folder of this machine
+    assert str(root) not in summary
+    assert (f'`w2sd eval ../model --pair cfg:1 --prompts ../prompts.txt --seeds 2 --methods {METHODS} --steps {STEPS} '
+            f'--nfe {NFE} --cfg {CFG} --scorer clip:../clip --out . --cpu --no-progress` (paths relative to this '
+            'folder)') in summary
     assert (one_process / 'grid.png').stat().st_size and (one_process / 'winrate.png').stat().st_size
 
 
@@ -152,6 +159,26 @@ def test_two_processes_with_torchrun_match_one_process(setup, one_process):
     assert [p.read_text() for p in sorted(out.glob('shard-*.jsonl'))] == before
 
 
+def test_ctrl_c_is_one_line_saying_resume_continues(setup, tmp_path):
+    root, clip = setup
+    out = tmp_path / 'run'
+    argv = args(root, clip, out)
+    argv[argv.index('--seeds') + 1] = '20'              # far more rows than arrive before the interrupt
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get('PYTHONPATH', ''),
+               OMP_NUM_THREADS='1')
+    run = subprocess.Popen([sys.executable, '-m', 'w2sd_samplers.eval', *argv], env=env, stderr=subprocess.PIPE,
+                           text=True)
+    shard, deadline = out / 'shard-0.jsonl', time.monotonic() + 600
+    while run.poll() is None and time.monotonic() < deadline and not (shard.exists() and shard.read_text()):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=300)[1]
+    assert run.returncode == 130 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == f'w2sd eval: interrupted; --resume continues (the rows so far are in {out})'
+    written = [json.loads(line) for line in shard.read_text().splitlines()]     # whole rows only
+    assert written and all(r.keys() >= {'prompt_index', 'seed', 'method', 'scores'} for r in written)
+
+
 def test_scorers_from_local_folders(setup, tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
@@ -191,6 +218,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, capsys, tmp_path
     (tmp_path / 'empty.txt').write_text('\n \n')
     (tmp_path / 'latin1.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
+    no_class = tmp_path / 'no_class'                      # a model_index.json without _class_name
+    no_class.mkdir()
+    (no_class / 'model_index.json').write_text('{}')
     small = tmp_path / 'small'
     small.mkdir()
     from PIL import Image
@@ -204,6 +234,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, capsys, tmp_path
         (swap('--scorer', f'clip:{tmp_path}'), 'config.json does not exist'),
         (swap('--scorer', f'aesthetic:{clip}:{tmp_path / "no.safetensors"}'), 'no.safetensors does not exist'),
         (swap('--pair', 'weights:' + str(tmp_path)), 'not a diffusers pipeline folder'),
+        ([str(no_class)] + base[1:], f'MODEL {no_class}: model_index.json names no pipeline class'),
+        (swap('--pair', f'weights:{no_class}', '--methods', 'w2sd-paper'),
+         f'--pair weights: {no_class}: model_index.json names no pipeline'),
         (swap('--pair', 'cfg:4'), 'the weak CFG equals the strong one'),
         (swap('--pair', 'prompt:a bird'), 'z-sampling runs on a CFG pair only'),
         (swap('--pair', f'lora:{tmp_path / "bad.safetensors"}', '--methods', 'w2sd-paper'),

@@ -141,6 +141,46 @@ def test_lora_pair_switches_scales_and_restores_the_adapter_state(tmp_path):
         generate(pipe, PROMPT, lora='missing', **{k: v for k, v in kw.items() if k != 'lora'})
 
 
+@pytest.mark.parametrize('first_lora', ['style', None])
+def test_a_lora_run_refuses_to_overlap_another_run_on_the_same_pipeline(tmp_path, first_lora):
+    """PEFT switches adapters on the shared pipeline, so generate(lora=...) needs the pipeline to itself: a second
+    call while it runs (or a lora= call while another runs) is refused by name, and the first is unharmed."""
+    import threading
+    pipe = sd_pipe(tmp_path)
+    add_lora(pipe.unet)
+    pipe.set_adapters('style', adapter_weights=0.7)
+    before = lora_state(pipe.unet)
+    kw = dict(steps=3, guidance_scale=3., seed=2, progress=False, output_type='latent')
+    first_kw = dict(lora='style', lora_scales=(1., -1.)) if first_lora else dict(weak_cfg=0.)
+    alone = generate(pipe, PROMPT, **first_kw, **kw).latents
+    plain = generate(pipe, PROMPT, w2sd=False, **kw).latents
+    started, go, result = threading.Event(), threading.Event(), {}
+
+    def pause(d):
+        if d['i'] == 1:
+            started.set()
+            go.wait(60)
+
+    def first():
+        result['latents'] = generate(pipe, PROMPT, sampler_options={'callback': pause}, **first_kw, **kw).latents
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(ValueError, match=r"lora='style': another generate\(\) call is running"):
+            generate(pipe, PROMPT, lora='style', lora_scales=(1., 0.5), **kw)
+        if first_lora:
+            with pytest.raises(ValueError, match=r"another generate\(\) call with lora='style' is running"):
+                generate(pipe, PROMPT, w2sd=False, **kw)
+        else:  # runs without lora= switch nothing and may overlap
+            assert torch.equal(generate(pipe, PROMPT, w2sd=False, **kw).latents, plain)
+    finally:
+        go.set()
+        thread.join()
+    assert torch.equal(result['latents'], alone) and lora_state(pipe.unet) == before
+    generate(pipe, PROMPT, lora='style', lora_scales=(1., 0.5), **kw)  # the pipeline is free again
+
+
 def test_weights_pair_with_a_second_unet(tmp_path):
     pipe = sd_pipe(tmp_path)
     torch.manual_seed(9)

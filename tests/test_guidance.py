@@ -158,3 +158,26 @@ def test_restart_bounds_must_be_finite(lo, hi):
     sigmas = K.get_sigmas_karras(6, 0.1, 10.).double()
     with pytest.raises(ValueError, match='finite'):
         sample_restart(STRONG, noise(4) * 10, sigmas, disable=True, sigma_lo=lo, sigma_hi=hi)
+
+
+def test_restart_refuses_an_overflowing_sigma_hi_and_a_nan_s_noise():
+    sigmas = K.get_sigmas_karras(8, 0.05, 20.)
+    x = noise(4).float() * 20
+    with pytest.raises(ValueError, match=r'restart sigma_hi 1e\+30 is too large for x of dtype torch.float32'):
+        sample_restart(STRONG, x, sigmas, disable=True, sigma_lo=1., sigma_hi=1e30)
+    with pytest.raises(ValueError, match='s_noise must be a finite number'):
+        sample_restart(STRONG, x, sigmas, disable=True, sigma_lo=1., sigma_hi=2., s_noise=math.nan)
+    # a sigma_hi whose restart noise still fits float32 gives a finite sample
+    assert torch.isfinite(sample_restart(STRONG, x, sigmas, disable=True, sigma_lo=1., sigma_hi=1e19)).all()
+
+
+@pytest.mark.parametrize('sampler', [sample_restart, sample_resampling])
+def test_relatives_name_a_bad_model_x_and_callback(sampler):
+    sigmas = K.get_sigmas_karras(6, 0.1, 10.)
+    kw = dict(sigma_lo=1., sigma_hi=2.) if sampler is sample_restart else {}
+    with pytest.raises(TypeError, match=r'model \(the main denoiser\)'):
+        sampler(None, noise(4), sigmas, disable=True, **kw)
+    with pytest.raises(ValueError, match='x must have a batch dimension'):
+        sampler(STRONG, torch.tensor(1.), sigmas, disable=True, **kw)
+    with pytest.raises(TypeError, match='callback must be'):
+        sampler(STRONG, noise(4), sigmas, disable=True, callback=5, **kw)

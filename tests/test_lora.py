@@ -461,12 +461,21 @@ def test_pickles_are_refused_unopened(tmp_path, tiny):
     assert not marker.exists()
 
 
-def test_two_threads_with_different_scales_get_exactly_their_own_outputs(tiny):
+def in_scope(model, enter, value):
+    """``model`` called inside ``with enter(value):`` (a with-form scope helper such as ``sl.scale``)."""
+    def call(*args):
+        with enter(value):
+            return model(*args)
+    return call
+
+
+@pytest.mark.parametrize('form', [scaled, lambda model, sl, s: in_scope(model, sl.scale, s)])
+def test_two_threads_with_different_scales_get_exactly_their_own_outputs(tiny, form):
     import threading
     saved = weights_of(tiny)
     sl = SwitchableLoRA(tiny, simple_lora())
     x = torch.randn(2, 3, 6, 6)
-    legs = {s: scaled(tiny, sl, s) for s in (0.8, -1.5)}
+    legs = {s: form(tiny, sl, s) for s in (0.8, -1.5)}
     alone = {s: d(x, torch.ones(2)) for s, d in legs.items()}
     barrier, mismatches = threading.Barrier(2), []
 

@@ -9,6 +9,7 @@ from w2sd_samplers.cfg import CFGDenoiser
 from w2sd_samplers.nfe import CallCounter
 from w2sd_samplers.reflect import reflect
 from w2sd_samplers.sampling import sample_w2sd_euler
+from rounding import LinearMagnitudes, reorder_bound
 
 K = pytest.importorskip('k_diffusion.sampling')
 
@@ -37,6 +38,14 @@ def conds(b=3, dim=4, seed=0):
 
 def snapshot(d):
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
+# Rounding steps on the longest path of one call (a sum of k terms counts k, tanh/exp 4; see rounding.gamma):
+# inner: sigma^2, +1, /, tanh, *, + (9); Net: x + c, fc1 (4 + bias; its LoRA branch 4 + 2 + scale + add), tanh,
+# fc2 (16 + bias; LoRA 16 + 2 + 2), * 0.3, + the sigma term (36); TinyDiTMoE: the sigma scaling (4), then per
+# block gate (8), softmax (4 + 6 + 1), expert (8 + bias), weight, sum of 2 experts, + shared, residual (33 x 2).
+# CFG's combination adds 3; each sampler step (Euler, the anchored reflection) 10.
+OPS_PER_CALL = {'guidance': 9 + 3 + 10, 'prompt': 9 + 3 + 10, 'lora': 36 + 3 + 10, 'moe': 70 + 10}
 
 
 def test_guidance_roles_are_cfg_at_the_two_scales():
@@ -77,7 +86,9 @@ def test_guidance_pair_shares_the_batched_forward_when_anchored(form):
     ea = {'cond': cond, 'uncond': uncond, 'cond_scale': 5.5}
     want = sample_w2sd_euler(cfg, x * 10, sigmas, extra_args=ea, disable=True, weak=cfg,
                              weak_extra_args={**ea, 'cond_scale': 0.}, form=form)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the same sums over other batches: each of the n + 2 lam calls of `want` feeds the result (OPS_PER_CALL)
+    torch.testing.assert_close(got, want, rtol=0, atol=reorder_bound(plain.calls * OPS_PER_CALL['guidance'], x * 10,
+                                                                     got, want))
     n, lam, b = len(sigmas) - 1, len(sigmas) - 2, x.shape[0]
     # Without sharing: per reflected step strong (2B rows), weak (B rows), main (2B rows).
     assert (plain.calls, plain.rows) == (n + 2 * lam, 2 * b * n + 3 * b * lam)
@@ -154,6 +165,36 @@ def test_pipeline_pair_adds_the_extra_inputs_to_strong_and_main_only():
     d, ea = r.leg('weak')
     d_c, d_u = inner(x, sigma, **cond), inner(x, sigma, **uncond)
     torch.testing.assert_close(d(x, sigma, **ea), d_u + 0.5 * (d_c - d_u))
+
+
+@pytest.mark.parametrize('with_uncond', [True, False])
+def test_pipeline_pair_runs_anchored_and_under_difference_guidance_like_its_separate_legs(with_uncond):
+    """The strong legs carry an input the weak one lacks, so their conditioning cannot share one batch: the legs run
+    one forward per layout. Each forward sees the same batch as its leg alone and the same CFG arithmetic, so the
+    results are equal to the separate-leg computation exactly."""
+    cond, uncond, x = conds()
+    uncond = uncond if with_uncond else None
+    ctrl = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    counted = Rows(inner)
+    r = pairs.pipeline(counted, {'ctrl': ctrl}, cond, uncond)
+    cfg = CFGDenoiser(inner)
+    if with_uncond:
+        strong = dict(cond={**cond, 'ctrl': ctrl}, uncond={**uncond, 'ctrl': ctrl}, cond_scale=0.5)
+        separate = pairs.Roles(main=cfg, extra_args={**strong, 'cond_scale': 5.5}, strong=cfg,
+                               strong_extra_args=strong, weak=cfg,
+                               weak_extra_args=dict(cond=cond, uncond=uncond, cond_scale=0.5))
+    else:
+        separate = pairs.Roles(main=inner, extra_args={**cond, 'ctrl': ctrl}, weak=inner, weak_extra_args=cond)
+    sigmas = K.get_sigmas_karras(6, 0.1, 10.)
+    got = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True, **r.w2sd(form='anchored'))
+    want = sample_w2sd_euler(separate.main, x * 10, sigmas, extra_args=separate.extra_args, disable=True,
+                             **separate.w2sd(form='anchored'))
+    assert torch.equal(got, want)
+    sigma = torch.full([3], 2.)
+    counted.calls = 0
+    got = guidance.difference_guidance(r, 1.)(x, sigma, **r.extra_args)
+    assert torch.equal(got, guidance.difference_guidance(separate, 1.)(x, sigma, **separate.extra_args))
+    assert counted.calls == 2  # main and strong (same inputs) in one forward, the weak leg in another
 
 
 def test_compose_sums_the_differences_at_2k_minus_1_calls():
@@ -258,7 +299,8 @@ def test_shared_cfg_joint_is_one_forward_over_distinct_branches_and_keeps_no_sta
     got = cfg.joint(x, sigma, legs)
     d_c, d_u, d_w = (inner(x, sigma, **c) for c in (cond, uncond, weak_cond))
     for out, want in zip(got, (d_u + 5.5 * (d_c - d_u), d_u, d_w)):
-        torch.testing.assert_close(out, want)
+        # inner's operations (9) on another batch, then CFG's (3)
+        torch.testing.assert_close(out, want, rtol=0, atol=reorder_bound(9 + 3, x, d_c, d_u, d_w, out))
     assert (counted.calls, counted.rows) == (1, 9)  # branches uncond, cond, weak cond: 3B rows in one forward
     assert vars(cfg).keys() == {'inner', 'variants'}
     with pytest.raises(ValueError, match='uncond'):
@@ -321,22 +363,31 @@ def test_anchored_legs_on_one_network_run_as_one_forward_equal_to_separate_legs(
     batched, unbatched, counted, x = batched_and_unbatched(kind)
     sigmas = K.get_sigmas_karras(6, 0.1, 10.)
     n, lam = len(sigmas) - 1, len(sigmas) - 2
-    runs = {}
-    for name, r in (('unbatched', unbatched), ('batched', batched)):
-        counted.calls = counted.rows = 0
-        runs[name] = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True,
-                                       **r.w2sd(form='anchored'))
-        runs[name + ' calls'] = counted.calls
-    torch.testing.assert_close(runs['batched'], runs['unbatched'], rtol=1e-5, atol=1e-5)
+    runs, seen = {}, []
+    network = counted.denoiser if isinstance(counted.denoiser, nn.Module) else nn.Module()
+    with LinearMagnitudes(network) as sums:
+        for name, r in (('unbatched', unbatched), ('batched', batched)):
+            counted.calls = counted.rows = 0
+            runs[name] = sample_w2sd_euler(r.main, x * 10, sigmas, extra_args=r.extra_args, disable=True,
+                                           callback=lambda d: seen.extend((d['x'], d['denoised'])),
+                                           **r.w2sd(form='anchored'))
+            runs[name + ' calls'] = counted.calls
+    # every call of the unbatched run feeds the result: its n + 2 lam calls in sequence at most
+    bound = reorder_bound(runs['unbatched calls'] * OPS_PER_CALL[kind], *seen, *sums, runs['unbatched'])
+    torch.testing.assert_close(runs['batched'], runs['unbatched'], rtol=0, atol=bound)
+    plain = K.sample_euler(unbatched.main, x * 10, sigmas, extra_args=unbatched.extra_args, disable=True)
+    assert (plain - runs['unbatched']).abs().max() > 100 * bound     # a lost or swapped leg would show
     assert runs['unbatched calls'] == n + 2 * lam
     assert runs['batched calls'] == n + lam  # T + lambda forward launches, not T + 2 lambda
     # ... and difference guidance: all its legs in one forward
     counted.calls = 0
-    got = guidance.difference_guidance(batched, 1.)(x, torch.full([len(x)], 2.), **batched.extra_args)
-    assert counted.calls == 1
-    torch.testing.assert_close(
-        got, guidance.difference_guidance(unbatched, 1.)(x, torch.full([len(x)], 2.), **unbatched.extra_args),
-        rtol=1e-5, atol=1e-5)
+    sigma = torch.full([len(x)], 2.)
+    with LinearMagnitudes(network) as sums:
+        got = guidance.difference_guidance(batched, 1.)(x, sigma, **batched.extra_args)
+        assert counted.calls == 1
+        want = guidance.difference_guidance(unbatched, 1.)(x, sigma, **unbatched.extra_args)
+    # one call per leg, then D_main + (D_strong - D_weak): 3 more
+    torch.testing.assert_close(got, want, rtol=0, atol=reorder_bound(OPS_PER_CALL[kind] + 3, x, want, *sums))
 
 
 def test_a_lora_pair_shared_by_two_threads_gives_each_its_single_thread_result():

@@ -143,3 +143,20 @@ def test_overflowing_strength_is_rejected(strength):
 
 def test_a_zero_length_step_does_not_reflect():
     assert reflected_steps(torch.tensor([10., 5., 5., 1., 0.])) == [True, False, True, False]
+
+
+def test_paper_form_with_weak_sigma_next_stays_finite_when_sigma_next_is_tiny():
+    # The weak leg's inversion gain h / sigma_next is capped at 1 / eps, as the anchored form's gain.
+    x = torch.randn(6, 1)
+    out = reflect(x, 5., 1e-39, STRONG, WEAK, weak_sigma='next')
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    x_strong = x - (5. - 1e-39) / 5. * (x - STRONG(x, torch.full([6], 5.)))
+    x_back = x_strong + 1 / torch.finfo(torch.float32).eps * (x_strong - WEAK(x_strong, torch.full([6], 1e-39)))
+    assert torch.equal(out, x + 1. * (x_back - x))
+
+
+def test_x_must_be_a_batched_tensor():
+    with pytest.raises(TypeError, match='x must be a torch.Tensor, got list'):
+        reflect(X.tolist(), SIGMA, SIGMA - 0.1, STRONG, WEAK)
+    with pytest.raises(ValueError, match='x must have a batch dimension'):
+        reflect(torch.tensor(1.), SIGMA, SIGMA - 0.1, STRONG, WEAK)

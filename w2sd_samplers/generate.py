@@ -20,6 +20,7 @@ from .sampling import SAMPLERS
 
 FAMILIES = ('sd', 'sdxl', 'animatediff')
 SCHEDULES = ('native', 'karras', 'exponential')
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)            # what torch.Generator.manual_seed takes
 
 
 @dataclasses.dataclass
@@ -95,12 +96,40 @@ class _LoraScales:
         return scaled
 
     def restore(self):
-        for m, scaling, active, grads in self.saved:
+        # Restored layers leave the list, so that a second call finishes a pass an interrupt cut short.
+        while self.saved:
+            m, scaling, active, grads = self.saved[-1]
             m.set_adapter(active)
             m.scaling.clear()
             m.scaling.update(scaling)                    # the exact values (set_scale would recompute them)
             for p, g in grads:                           # set_adapter marks adapter weights trainable
                 p.requires_grad_(g)
+            self.saved.pop()
+
+
+# id(token) -> (id(pipe), lora) of each pipeline_pair() in progress: a lora= run switches the shared pipeline's
+# PEFT adapters, so it must not overlap another run on the same pipeline.
+_RUNS = {}
+
+
+def _claim(token, pipe, lora):
+    _RUNS[id(token)] = (id(pipe), lora)
+    # Registered before looking: of two runs starting at once, at least the later one sees the other.
+    others = [name for key, (p, name) in list(_RUNS.items()) if p == id(pipe) and key != id(token)]
+    if others and lora is not None:
+        raise ValueError(f'lora={lora!r}: another generate() call is running on this pipeline. PEFT switches '
+                         'adapter scales on the shared pipeline, so a call with lora= needs the pipeline to itself: '
+                         'run such calls one at a time, or give each thread its own pipeline')
+    busy = [name for name in others if name is not None]
+    if busy:
+        raise ValueError(f'another generate() call with lora={busy[0]!r} is running on this pipeline and switches '
+                         'its PEFT adapters: wait for it, or give each thread its own pipeline')
+
+
+def _release(token, switch):
+    if switch is not None:
+        switch.restore()
+    _RUNS.pop(id(token), None)
 
 
 def _decode(pipe, fam, latents, output_type):
@@ -204,8 +233,10 @@ def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None
     if weak_pipe is not None and family(weak_pipe) != fam:
         raise ValueError(f'weak_model is a {family(weak_pipe)} pipeline; the main one is {fam}')
     den = unet_denoiser(pipe.unet, pipe.scheduler)
-    switch = _LoraScales(pipe, lora) if lora is not None else None
+    token, switch = object(), None
     try:
+        _claim(token, pipe, lora)
+        switch = _LoraScales(pipe, lora) if lora is not None else None
         def encoded(p, text, scale):
             if switch is not None:
                 switch.use(scale)
@@ -226,8 +257,9 @@ def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None
                       weak_extra_args={'cond': w_cond, 'uncond': w_uncond, 'cond_scale': weak_cfg})
         yield PipelinePair(pipe, fam, den, roles, height, width)
     finally:
-        if switch is not None:
-            switch.restore()
+        # One line each, as in lora.Scope: a restore cut short by an interrupt is finished by the second.
+        try: _release(token, switch)  # noqa: E701
+        finally: _release(token, switch)  # noqa: E701
 
 
 @torch.no_grad()
@@ -242,7 +274,9 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     family or a UNet; default the pipeline's) with ``weak_prompt`` (default ``prompt``) at ``weak_cfg`` (default
     ``strong_cfg``). ``lora``: the name of a PEFT adapter loaded into ``pipe``; ``lora_scales=(strong, weak)``
     (the main step uses the strong scale; other adapters are off during the run; the adapter state is restored
-    afterwards). The paper's weight and prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
+    afterwards). The switch is on the shared pipeline: while a ``lora=`` call runs, other calls on the same
+    pipeline are refused (ValueError), and a ``lora=`` call is refused while another runs. The paper's weight and
+    prompt pairs use ``strong_cfg=weak_cfg=1`` with the main step at 5.5.
 
     ``sampler``: a name of ``w2sd_samplers.SAMPLERS``; ``parity=True`` runs the official code instead
     (:mod:`w2sd_samplers.parity`: its DDIM grid, its reflection). ``schedule``: 'native' (the scheduler's
@@ -257,6 +291,8 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
     _check_choice('schedule', schedule, SCHEDULES)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f'seed must be an int, got {type(seed).__name__}')
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f'seed must be an integer from -2**63 to 2**64 - 1, got {seed}')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
     for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):

@@ -16,8 +16,9 @@ from tqdm.auto import trange
 
 from . import _kdiff
 from . import pairs
-from .reflect import (check_denoiser, check_sigmas, checked, finite_number, legs_at, reflected_steps,
+from .reflect import (check_denoiser, check_sigmas, check_x, checked, finite_number, legs_at, reflected_steps,
                       window_bounds)
+from .sampling import check_sampler_options
 
 
 def difference_guidance(roles, w=1., *, sigma_window=None):
@@ -60,10 +61,10 @@ def z_sampling(model, cond, uncond, *, scale=5.5, weak_scale=0., shared=None):
     return pairs.guidance(model, cond, uncond, strong_scale=scale, weak_scale=weak_scale, shared=shared)
 
 
-def _setup(model, x, sigmas, extra_args):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
+def _setup(model, x, sigmas, extra_args, callback):
+    check_x(x)
     check_sigmas(sigmas)
+    check_sampler_options({'callback': callback})
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f'extra_args must be a dict of keyword arguments for the model, '
                         f'got {type(extra_args).__name__}')
@@ -81,7 +82,7 @@ def sample_resampling(model, x, sigmas, extra_args=None, callback=None, disable=
     ``len(sigmas) - 1 + sum(reflected_steps(sigmas, lam))``.
     """
     K = _kdiff.sampling()
-    model, extra_args, s_in = _setup(model, x, sigmas, extra_args)
+    model, extra_args, s_in = _setup(model, x, sigmas, extra_args, callback)
     noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     resampled = reflected_steps(sigmas, lam)
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -95,7 +96,9 @@ def sample_resampling(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-def _heun_step(model, x, sigma, sigma_next, extra_args, s_in):
+def heun_step(model, x, sigma, sigma_next, extra_args, s_in):
+    """One Heun step of k-diffusion's ``sample_heun`` from ``sigma`` to ``sigma_next`` (Euler into sigma 0):
+    ``(x_next, denoised at x)``. ``s_in``: ones of x's batch size (k-diffusion's per-sample sigma factor)."""
     K = _kdiff.sampling()
     denoised = model(x, sigma * s_in, **extra_args)
     d = K.to_d(x, sigma, denoised)
@@ -161,12 +164,19 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     repeat the same increment for repeated restarts).
     """
     K = _kdiff.sampling()
-    model, extra_args, s_in = _setup(model, x, sigmas, extra_args)
+    model, extra_args, s_in = _setup(model, x, sigmas, extra_args, callback)
+    if not finite_number(s_noise):
+        raise ValueError(f's_noise must be a finite number (1 = unit-variance restart noise), got {s_noise!r}')
     plan = restart_plan(sigmas, restart_list, sigma_lo=sigma_lo, sigma_hi=sigma_hi, restart_k=restart_k,
                         restart_steps=restart_steps)
+    for j, restarts in plan.items():
+        for hi, _, _ in restarts:
+            if not torch.isfinite(((hi ** 2 - sigmas[j] ** 2) ** 0.5).to(x.dtype)):
+                raise ValueError(f'restart sigma_hi {hi:g} is too large for x of dtype {x.dtype}: its restart noise '
+                                 f'sqrt(sigma_hi ** 2 - sigma_lo ** 2) overflows')
     noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sigmas) - 1, disable=disable):
-        x_next, denoised = _heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
+        x_next, denoised = heun_step(model, x, sigmas[i], sigmas[i + 1], extra_args, s_in)
         if callback is not None:  # k-diffusion reports the step's starting point
             callback({'x': x, 'i': i, 'sigma': sigmas[i], 'sigma_hat': sigmas[i], 'denoised': denoised})
         x = x_next
@@ -177,5 +187,5 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
             for _ in range(k):
                 x = x + noise_sampler(hi, lo) * s_noise * (hi ** 2 - lo ** 2) ** 0.5
                 for s, s_next in zip(sub[:-1], sub[1:]):
-                    x, _ = _heun_step(model, x, s, s_next, extra_args, s_in)
+                    x, _ = heun_step(model, x, s, s_next, extra_args, s_in)
     return x

@@ -16,7 +16,6 @@ dimension (``[B, ...]``, ``[B * frames, ...]``, ``[B * tokens, ...]``), as diffu
 Adapters that are not additive in the scale (DoRA, OFT, GLoRA, ...) are rejected: a negative scale means nothing
 for them.
 """
-import contextlib
 import contextvars
 import json
 import math
@@ -271,14 +270,52 @@ def check_scale(name, scale):
     return float(scale)
 
 
-@contextlib.contextmanager
-def context_entry(var, key, value):
-    """Inside the block, the dict in the context variable ``var`` maps ``key`` to ``value`` (this thread/task)."""
-    token = var.set({**var.get(), key: value})
-    try:
-        yield
-    finally:
-        var.reset(token)
+class Scope:
+    """``with Scope(entry, attributes):`` inside the block, the dict in the context variable of ``entry = (var,
+    key, value)`` maps key to value (this thread/task only) and each ``(obj, name, value)`` of ``attributes`` is
+    set; on exit both are as they were, whatever interrupts entry, block or exit.
+
+    Every change is made inside the region whose exit undoes it, and the undo, safe to repeat, runs a second time
+    when something (a KeyboardInterrupt) cuts the first pass short. ``result`` is what ``with ... as`` gets.
+    """
+
+    def __init__(self, entry=None, attributes=(), result=None):
+        self._entry, self._attributes, self._result = entry, attributes, result
+        self._token, self._saved = None, []
+
+    def __enter__(self):
+        if self._token is not None or self._saved:
+            raise RuntimeError('this scope is already entered; make a new one for a nested block')
+        try:
+            for obj, name, value in self._attributes:
+                self._saved.append((obj, name, getattr(obj, name)))
+                setattr(obj, name, value)
+            if self._entry is not None:
+                var, key, value = self._entry
+                self._token = var.set({**var.get(), key: value})
+            return self._result
+        except BaseException:
+            self.__exit__()
+            raise
+
+    # Some statements share a line below: an interrupt (a signal, a tracer) lands where a new line starts, and a
+    # 'try:' or a with-exit on a line of its own starts one outside the protection. That closes every such point
+    # on CPython 3.11+; on 3.10, whose try costs an instruction of its own line, the exit's first line remains one.
+    def __exit__(self, *exc):
+        try: self._undo()  # noqa: E701
+        finally: self._undo()  # noqa: E701
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` inside the scope."""
+        with self: return fn(*args, **kwargs)  # noqa: E701
+
+    def _undo(self):
+        if self._token is not None:
+            self._token = self._entry[0].reset(self._token)  # reset returns None: the token is spent and cleared
+        while self._saved:
+            obj, name, value = self._saved[-1]
+            setattr(obj, name, value)
+            self._saved.pop()  # after the setattr: an interrupt between the two repeats the setattr, harmlessly
 
 
 def call_in_context(var, key, value, fn, *args, **kwargs):
@@ -442,12 +479,10 @@ class SwitchableLoRA:
         the LoRA). It is shared by all threads: give per-call scales with :func:`scaled` or ``run`` instead."""
         self._default = check_scale('scale', scale)
 
-    @contextlib.contextmanager
     def scale(self, scale):
         """``with sl.scale(s):`` runs the block at LoRA scale s in this thread/task only; the previous scale is
         back on exit, errors and interrupts included."""
-        with context_entry(_SCALES, self, _row_scales(scale)):
-            yield self
+        return Scope((_SCALES, self, _row_scales(scale)), result=self)
 
     def run(self, scale, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` with the LoRA at ``scale`` (a number, or one per batch row), in a copy of the

@@ -17,13 +17,11 @@ logits), which keeps the routed branch at about its usual magnitude instead of t
 worst experts. Gates whose scores are not a monotone function of one linear map (e.g. a bias added after the
 score for selection only, as in DeepSeek-V3) are not flipped correctly by this; name their logit Linear instead.
 """
-import contextlib
 import contextvars
-import functools
 
 import torch
 
-from .lora import call_in_context, context_entry
+from .lora import Scope, call_in_context
 
 MODES = ('top', 'bottom')
 K_ATTRIBUTES = ('top_k', 'num_experts_per_tok')
@@ -132,30 +130,18 @@ class ExpertRouting:
         mode = self.current_mode
         return None if mode == 'top' else _flip_rows(mode, output)
 
-    @contextlib.contextmanager
     def _k(self):
-        undo = []
-        try:
-            for owner, attr in self._k_owners:
-                undo.append(functools.partial(setattr, owner, attr, getattr(owner, attr)))
-                setattr(owner, attr, self.k)
-            yield
-        finally:
-            for restore in reversed(undo):
-                restore()
+        return [(owner, attr, self.k) for owner, attr in self._k_owners]
 
-    @contextlib.contextmanager
     def mode(self, mode):
         """``with routing.mode('bottom'):`` routes every gate to its bottom-k experts inside the block, in this
         thread/task only ('top': the usual routing); modes nest and are back as they were on exit."""
-        with context_entry(_MODES, self, _check_mode(mode)), self._k():
-            yield self
+        return Scope((_MODES, self, _check_mode(mode)), self._k(), result=self)
 
     def run(self, mode, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` routed by ``mode`` ('top', 'bottom', or one per batch row), in a copy of the
         current context: nothing to reset afterwards, whatever interrupts the call."""
-        with self._k():
-            return call_in_context(_MODES, self, _check_mode(mode), fn, *args, **kwargs)
+        return Scope(attributes=self._k()).call(call_in_context, _MODES, self, _check_mode(mode), fn, *args, **kwargs)
 
     def remove(self):
         """Detach the gate hooks; the model is then exactly as before. Safe to call twice."""

@@ -95,8 +95,9 @@ class SharedCFG(CFGDenoiser):
         return self.joint(x, sigma, [leg])[0]
 
     def joint(self, x, sigma, legs):
-        """The outputs of the legs (extra-args dicts), one batched forward when they share their other args."""
-        branches, plans, shared = [], [], None
+        """The outputs of the legs (extra-args dicts), one batched forward when they share their other args and
+        the layout of their conditioning (else one forward per layout: a ControlNet input on some legs only)."""
+        branches, plans, shared, layouts = [], [], None, []
         for leg in legs:
             leg = dict(leg)
             cond, uncond = leg.pop('cond'), leg.pop('uncond', None)
@@ -110,7 +111,15 @@ class SharedCFG(CFGDenoiser):
                 raise ValueError(f'cond_scale {scale!r} needs the unconditional extra args (uncond)')
             plain = isinstance(scale, (int, float)) and scale in (0, 1)
             need = [uncond if scale == 0 else cond] if uncond is None or plain else [uncond, cond]
+            layouts.append(_layout(need))
             plans.append(([_index(branches, c, variant) for c in need], scale))
+        if len(set(layouts)) > 1:
+            outs = [None] * len(legs)
+            for layout in dict.fromkeys(layouts):
+                group = [i for i, each in enumerate(layouts) if each == layout]
+                for i, out in zip(group, self.joint(x, sigma, [legs[i] for i in group])):
+                    outs[i] = out
+            return outs
         rows = len(branches)
         conds = branches[0][0]
         for c, _ in branches[1:]:
@@ -133,6 +142,24 @@ def _index(branches, cond, variant):
             return i
     branches.append((cond, variant))
     return len(branches) - 1
+
+
+def _layout(conds):
+    """What must agree for conds to be concatenated into one batch (``cfg.cat_conds``): dict keys, sequence
+    lengths and plain values, recursively; tensors only by being tensors."""
+    def layout(c):
+        if isinstance(c, torch.Tensor):
+            return torch.Tensor
+        if isinstance(c, dict):
+            return frozenset((k, layout(v)) for k, v in c.items())
+        if isinstance(c, (list, tuple)):
+            return tuple(layout(v) for v in c)
+        try:
+            hash(c)
+        except TypeError:  # an unhashable plain value batches only with itself
+            return id(c)
+        return type(c), c
+    return frozenset(layout(c) for c in conds)
 
 
 def _same_args(a, b):

@@ -10,8 +10,9 @@ VE coordinates (``x = x0 + sigma * eps``, Euler derivative ``(x - D) / sigma``):
 with ``sw = sigma`` (``weak_sigma="current"``, the paper's Eq. 5 and the official code) or ``sw = sigma_next``
 (``"next"``, textbook inversion). To first order it moves x by ``(h / sigma) (D_strong - D_weak)``.
 ``form="anchored"`` evaluates both legs at ``(x, sigma)``: ``x + (h / sigma_next) (D_strong - D_weak)``, which is
-exactly the identity when weak equals strong; its gain h / sigma_next is capped at 1 / eps of x's dtype (a step to
-a tiny sigma_next), and on a shared network (``pairs.SharedCFG``) both legs run as one batched forward.
+exactly the identity when weak equals strong; its gain h / sigma_next (and the paper form's h / sw with
+``weak_sigma="next"``) is capped at 1 / eps of x's dtype (a step to a tiny sigma_next), and on a shared network
+(``pairs.SharedCFG``) both legs run as one batched forward.
 """
 import math
 import numbers
@@ -24,10 +25,26 @@ FORMS = ('paper', 'anchored')
 MAX_STRENGTH = 1000.
 
 
-def resolve_extra_args(spec, main_extra_args):
-    """A role's extra args: ``spec`` itself, or ``spec(main_extra_args)`` when it is a function."""
+def resolve_extra_args(spec, main_extra_args, name='an extra-args function'):
+    """A role's extra args: ``spec`` itself, or ``spec(main_extra_args)`` when it is a function (``name`` names it
+    in the error when it returns something else than a dict)."""
     # A function spec is evaluated per call: hosts (A1111) swap conds inside the live extra_args mid-run.
-    return spec(main_extra_args) if callable(spec) else spec
+    if not callable(spec):
+        return spec
+    extra_args = spec(main_extra_args)
+    if not isinstance(extra_args, dict):
+        raise TypeError(f'{name} returned {type(extra_args).__name__}: a function given for extra args must return '
+                        'a dict of keyword arguments for the denoiser')
+    return extra_args
+
+
+def check_x(x):
+    """``x`` after checking that it is a batched tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
+    if x.ndim == 0:
+        raise ValueError('x must have a batch dimension (shape [B, ...]), got a 0-dim tensor')
+    return x
 
 
 def check_denoiser(role, denoiser):
@@ -37,7 +54,9 @@ def check_denoiser(role, denoiser):
                         f'D(x, sigma, **extra_args): wrap it first, e.g. w2sd_samplers.adapters.unet_denoiser(unet, '
                         f'pipe.scheduler) (see w2sd_samplers.adapters for the other families)')
     if not callable(denoiser):
-        raise TypeError(f'the {role} denoiser must be callable, got {type(denoiser).__name__}')
+        name = 'model' if role == 'main' else role
+        raise TypeError(f'{name} (the {role} denoiser) must be a callable k-diffusion denoiser '
+                        f'D(x, sigma, **extra_args), got {type(denoiser).__name__}')
     return denoiser
 
 
@@ -87,6 +106,7 @@ def reflect(x, sigma, sigma_next, strong, weak, strong_extra_args=None, weak_ext
     ``strong`` and ``weak`` are k-diffusion denoisers ``D(x, sigma[B], **extra_args)``; ``roles`` names them in
     errors.
     """
+    check_x(x)
     check_options(strength=strength, weak_sigma=weak_sigma, form=form, reflections=reflections)
     if not float(sigma_next) > 0:
         raise ValueError(f'sigma_next must be > 0 to reflect (got {float(sigma_next)}): '
@@ -104,14 +124,14 @@ def _reflect_once(x, sigma, sigma_next, strong, weak, ea_s, ea_w, strength, weak
     # Step ratios are formed first (in float64), so that fp16 latents at sigma ~ 700 never hold h * (x - D).
     sigma, sigma_next = float(sigma), float(sigma_next)
     h = sigma - sigma_next
+    # Past 1 / eps a gain h / sigma_next amplifies rounding noise as large as D itself: cap it (tiny sigma_next).
+    max_gain = 1 / torch.finfo(x.dtype).eps
     if form == 'anchored':
         d_strong, d_weak = legs_at(x, x.new_full([x.shape[0]], sigma), [(strong, ea_s), (weak, ea_w)], roles)
-        # Past 1 / eps the amplified difference is rounding noise as large as D itself: cap it (tiny sigma_next).
-        gain = min(h / sigma_next, 1 / torch.finfo(x.dtype).eps)
-        return x + (strength * gain) * (d_strong - d_weak)
+        return x + (strength * min(h / sigma_next, max_gain)) * (d_strong - d_weak)
     x_strong = x - (h / sigma) * (x - _call(roles[0], strong, x, sigma, ea_s))
     sw = sigma if weak_sigma == 'current' else sigma_next
-    x_back = x_strong + (h / sw) * (x_strong - _call(roles[1], weak, x_strong, sw, ea_w))
+    x_back = x_strong + min(h / sw, max_gain) * (x_strong - _call(roles[1], weak, x_strong, sw, ea_w))
     return x + strength * (x_back - x)
 
 
@@ -217,14 +237,14 @@ class Reflection:
             raise TypeError(f'extra_args must be a dict of keyword arguments for the model, '
                             f'got {type(extra_args).__name__}')
         for role, d in (('main', model), ('weak', weak), ('strong', strong)):
-            if d is not None:
+            if d is not None or role == 'main':
                 check_denoiser(role, d)
         for role, ea in (('weak', weak_extra_args), ('strong', strong_extra_args)):
             if ea is not None and not (callable(ea) or isinstance(ea, dict)):
                 raise TypeError(f'{role}_extra_args must be a dict or a function of the main extra_args, '
                                 f'got {type(ea).__name__}')
-        then = tuple(then)
-        if not all(isinstance(p, tuple) and len(p) == 4 and callable(p[1]) for p in then):
+        then = tuple(then) if isinstance(then, (tuple, list)) else None
+        if then is None or not all(isinstance(p, tuple) and len(p) == 4 and callable(p[1]) for p in then):
             raise TypeError('then must be a sequence of (strong, weak, strong_extra_args, weak_extra_args) tuples '
                             'with a callable weak denoiser (see pairs.compose(..., successive=True))')
         self.main = checked('main', model)
@@ -239,9 +259,10 @@ class Reflection:
         if not self.steps[i]:
             return x
         ea = self.extra_args
-        for strong, weak, strong_spec, weak_spec, roles in self.pairs:
-            ea_s = ea if strong_spec is None else resolve_extra_args(strong_spec, ea)
-            ea_w = ea if weak_spec is None else resolve_extra_args(weak_spec, ea)
+        for k, (strong, weak, strong_spec, weak_spec, roles) in enumerate(self.pairs):
+            where = '' if k == 0 else f'then[{k - 1}]: '
+            ea_s = ea if strong_spec is None else resolve_extra_args(strong_spec, ea, where + 'strong_extra_args')
+            ea_w = ea if weak_spec is None else resolve_extra_args(weak_spec, ea, where + 'weak_extra_args')
             x = reflect(x, self.sigmas[i], self.sigmas[i + 1], strong, weak, ea_s, ea_w, roles=roles,
                         **self.options)
         return x

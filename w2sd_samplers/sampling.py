@@ -9,21 +9,24 @@ the active k-diffusion copy (``_kdiff``), so host seeds are kept; reflections dr
 import functools
 import importlib
 import inspect
+import math
+import numbers
 import warnings
 
 import torch
 from tqdm.auto import tqdm, trange
 
 from . import _kdiff
-from .reflect import Reflection, check_sigmas
+from .reflect import Reflection, check_sigmas, check_x
 
 OPTION_NAMES = tuple(p.name for p in inspect.signature(Reflection).parameters.values()
                      if p.kind is p.KEYWORD_ONLY)
 
 
-def _w2sd_signature(fn):
-    """Show the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd``; an unknown keyword is
-    reported against ``fn``."""
+def w2sd_signature(fn):
+    """Decorator of a W2SD sampler ``fn(model, x, sigmas, ..., **w2sd)``, for writing one outside this module (the
+    webui twins do): shows the W2SD options in ``inspect.signature`` / ``help`` in place of ``**w2sd`` (hosts read
+    the signature), and reports an unknown keyword against ``fn``."""
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     options = [p for p in inspect.signature(Reflection).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
@@ -33,14 +36,26 @@ def _w2sd_signature(fn):
         if unknown:
             raise TypeError(f'{fn.__name__}() got an unexpected keyword argument {unknown[0]!r} (W2SD options: '
                             f'{", ".join(OPTION_NAMES)})')
+        check_sampler_options(sample.__signature__.bind_partial(*args, **kwargs).arguments)
         return fn(*args, **kwargs)
     sample.__signature__ = inspect.Signature(params + options)
     return sample
 
 
+def check_sampler_options(arguments):
+    """Check a sampler call's ``callback`` and noise options (``arguments``: name -> value) before any work; NaN or
+    inf options would give a NaN result in k-diffusion's samplers too."""
+    callback = arguments.get('callback')
+    if callback is not None and not callable(callback):
+        raise TypeError(f'callback must be a function of the step dict (or None), got {type(callback).__name__}')
+    for name in ('eta', 's_noise', 's_churn', 's_tmin', 's_tmax', 'r'):
+        value = arguments.get(name)
+        if isinstance(value, numbers.Real) and not (math.isfinite(value) or name == 's_tmax' and value == math.inf):
+            raise ValueError(f'{name} must be a finite number, got {value!r}')
+
+
 def _setup(model, x, sigmas, extra_args, w2sd):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f'x must be a torch.Tensor, got {type(x).__name__}')
+    check_x(x)
     extra_args = {} if extra_args is None else extra_args
     refl = Reflection(model, sigmas, extra_args, **w2sd)
     return refl.main, extra_args, refl, x.new_ones([x.shape[0]])
@@ -74,6 +89,23 @@ def _churned_derivative(model, x, sigmas, i, extra_args, s_in, callback, s_churn
     return x, sigma_hat, _kdiff.sampling().to_d(x, sigma_hat, denoised)
 
 
+def _refuse_repeats(sampler, sigmas, divides):
+    """Refuse a repeated sigma (a zero-length step) whose length a step of ``sampler`` divides by: the result
+    would be NaN, as k-diffusion's (or the host's) own sampler's is. ``divides(i, s)`` lists the steps whose
+    lengths step i divides by (multistep coefficients; the Brownian tree's noise, normalised by its step), with
+    ``s`` the schedule as a list; other zero-length steps run as in k-diffusion."""
+    s = sigmas.tolist()
+    zero = {j for j in range(len(s) - 1) if s[j] == s[j + 1] > 0}
+    for i in range(len(s) - 1) if zero else ():
+        hit = sorted(zero.intersection(divides(i, s)))
+        if hit:
+            j = hit[0]
+            raise ValueError(f'sigmas repeats {s[j]:g} (entries {j} and {j + 1}): step {i} of {sampler} divides by '
+                             f'the length of that zero-length step (in its multistep history or its Brownian '
+                             f'noise), which makes the result NaN, as with k-diffusion\'s own sampler; drop the '
+                             f'repeat, e.g. torch.unique_consecutive(sigmas)')
+
+
 def _brownian_default(x, sigmas, noise_sampler):
     if noise_sampler is not None:
         return noise_sampler
@@ -90,7 +122,7 @@ def _brownian_default(x, sigmas, noise_sampler):
     return brownian
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -104,7 +136,7 @@ def sample_w2sd_euler(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -125,7 +157,7 @@ def sample_w2sd_euler_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                      s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -146,7 +178,7 @@ def sample_w2sd_heun(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                       s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -167,7 +199,7 @@ def sample_w2sd_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                                 noise_sampler=None, **w2sd):
@@ -193,12 +225,13 @@ def sample_w2sd_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, **w2sd):
     """Linear multistep with W2SD reflections; the derivative history carries across reflections."""
     K = _kdiff.sampling()
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    _refuse_repeats('lms', sigmas, lambda i, s: range(max(i - order + 1, 0), i))
     sigmas_cpu = sigmas.detach().cpu().numpy()
     ds = []
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -213,7 +246,7 @@ def sample_w2sd_lms(model, x, sigmas, extra_args=None, callback=None, disable=No
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
                                    s_noise=1., noise_sampler=None, **w2sd):
@@ -242,13 +275,15 @@ def sample_w2sd_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=N
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                           noise_sampler=None, r=1 / 2, **w2sd):
     """DPM-Solver++ (stochastic) with W2SD reflections; Brownian-tree noise by default, as k-diffusion."""
     K = _kdiff.sampling()
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    brownian = noise_sampler is None
+    _refuse_repeats('dpmpp_sde', sigmas, lambda i, s: [i] if brownian and s[i + 1] > 0 else [])
     noise_sampler = _brownian_default(x, sigmas, noise_sampler)
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
@@ -275,11 +310,12 @@ def sample_w2sd_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disa
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **w2sd):
     """DPM-Solver++(2M) with W2SD reflections; the previous denoised estimate carries across reflections."""
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    _refuse_repeats('dpmpp_2m', sigmas, lambda i, s: [i - 1] if i >= 1 and s[i + 1] > 0 else [])
     old_denoised = None
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
@@ -298,7 +334,7 @@ def sample_w2sd_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disab
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, solver_type='midpoint', **w2sd):
@@ -306,8 +342,12 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
     if solver_type not in {'heun', 'midpoint'}:
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    brownian, heun = noise_sampler is None and bool(eta), solver_type == 'heun'
+    _refuse_repeats('dpmpp_2m_sde', sigmas, lambda i, s: [i - 1] * (i >= 1) + [i] * (brownian or heun and i >= 1)
+                    if s[i + 1] > 0 else [])
     noise_sampler = _brownian_default(x, sigmas, noise_sampler)
-    old_denoised, h_last = None, None
+    # h starts as None, as in ComfyUI's and Forge's copies: k-diffusion 0.1.1 fails on a one-step schedule into 0.
+    old_denoised, h_last, h = None, None, None
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -333,14 +373,17 @@ def sample_w2sd_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                              noise_sampler=None, **w2sd):
     """DPM-Solver++(3M) SDE with W2SD reflections; two past denoised estimates carry across reflections."""
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    brownian = noise_sampler is None and bool(eta)
+    _refuse_repeats('dpmpp_3m_sde', sigmas, lambda i, s: [*range(max(i - 2, 0), i)] + [i] * (i >= 1 or brownian)
+                    if s[i + 1] > 0 else [])
     noise_sampler = _brownian_default(x, sigmas, noise_sampler)
-    denoised_1, denoised_2, h_1, h_2 = None, None, None, None
+    denoised_1, denoised_2, h, h_1, h_2 = None, None, None, None, None  # h: as in sample_w2sd_dpmpp_2m_sde
     for i in trange(len(sigmas) - 1, disable=disable):
         x = refl(x, i)
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -373,7 +416,7 @@ def sample_w2sd_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, d
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
                          s_noise=1., noise_sampler=None, **w2sd):
@@ -412,7 +455,7 @@ def sample_w2sd_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, cal
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                         s_tmax=float('inf'), s_noise=1., **w2sd):
@@ -496,7 +539,7 @@ def _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order,
     return x
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                       denoise_to_zero=True, **w2sd):
@@ -509,17 +552,20 @@ def sample_w2sd_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4,
                         denoise_to_zero=True, **w2sd):
     """IPNDM_V (variable-step Adams-Bashforth, up to 4th order) with W2SD reflections; ``denoise_to_zero`` as in
     ``sample_w2sd_ipndm``."""
+    check_sigmas(sigmas)
+    _refuse_repeats('ipndm_v', sigmas, lambda i, s: [] if denoise_to_zero and s[i + 1] == 0 else
+                    range(max(i - max_order + 1, 0), i))
     return _multistep(_ipndm_v_step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd,
                       denoise_to_zero)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab',
                      **w2sd):
@@ -545,7 +591,7 @@ def sample_w2sd_deis(model, x, sigmas, extra_args=None, callback=None, disable=N
     return _multistep(step, model, x, sigmas, extra_args, callback, disable, max_order, w2sd)
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                               noise_sampler=None, eta=0., **w2sd):
@@ -553,6 +599,7 @@ def sample_w2sd_res_multistep(model, x, sigmas, extra_args=None, callback=None, 
     with W2SD reflections; the previous denoised estimate and sigma_down carry across reflections."""
     K = _kdiff.sampling()
     model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    _refuse_repeats('res_multistep', sigmas, lambda i, s: [i - 1] if i >= 1 and s[i + 1] > 0 else [])
     noise_sampler = K.default_noise_sampler(x) if noise_sampler is None else noise_sampler
     phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
     phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
@@ -592,6 +639,7 @@ def with_reflection(sampler):
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
         w2sd = {k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs}
+        check_sampler_options({'callback': callback, **kwargs})
         model, extra_args, refl, _ = _setup(model, x, sigmas, extra_args, w2sd)
         for i in trange(len(sigmas) - 1, disable=disable):
             x = refl(x, i)

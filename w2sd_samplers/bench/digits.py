@@ -68,7 +68,7 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _cached(cache_dir, name, config, build, train, prefix='digits', seed=0):
+def cached_module(cache_dir, name, config, build, train, prefix='digits', seed=0):
     """``build()`` (initial weights from ``seed``) with weights loaded from the cache, or trained by
     ``train(module)`` and saved."""
     from safetensors.torch import load_file, save_file
@@ -88,7 +88,7 @@ def _cached(cache_dir, name, config, build, train, prefix='digits', seed=0):
     return module.eval().requires_grad_(False)
 
 
-def _train_denoiser(model, data, steps, seed, snapshot_at=None, stop_at_snapshot=False, batch=256, lr=2e-3,
+def train_denoiser(model, data, steps, seed, snapshot_at=None, stop_at_snapshot=False, batch=256, lr=2e-3,
                     sigma_loc=-1.2, sigma_scale=1.2, extra=None):
     """Karras et al.'s loss with log-normal sigmas; returns a copy of the weights after ``snapshot_at`` steps.
 
@@ -141,19 +141,19 @@ def models(cache_dir, seed=0, quick=False):
     snapshot = {}
 
     def train_strong(m):
-        snapshot['early'] = _train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'])
-    strong = _cached(cache_dir, 'strong', strong_cfg, denoiser(strong_cfg), train_strong, seed=seed)
+        snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'])
+    strong = cached_module(cache_dir, 'strong', strong_cfg, denoiser(strong_cfg), train_strong, seed=seed)
 
     def train_early(m):
         if 'early' not in snapshot:   # strong came from the cache: replay its run up to the snapshot
-            snapshot['early'] = _train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'],
-                                                stop_at_snapshot=True)
+            snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'],
+                                               stop_at_snapshot=True)
         m.load_state_dict(snapshot['early'])
-    early = _cached(cache_dir, 'early', early_cfg, denoiser(strong_cfg), train_early, seed=seed)
-    small = _cached(cache_dir, 'small', small_cfg, denoiser(small_cfg),
-                    lambda m: _train_denoiser(m, x, small_cfg['steps'], seed=2 + 10 * seed), seed=seed)
-    classifier = _cached(cache_dir, 'classifier', dict(epochs=400 // scale, version=2), Classifier,
-                         lambda m: _train_classifier(m, x, y, 400 // scale))
+    early = cached_module(cache_dir, 'early', early_cfg, denoiser(strong_cfg), train_early, seed=seed)
+    small = cached_module(cache_dir, 'small', small_cfg, denoiser(small_cfg),
+                          lambda m: train_denoiser(m, x, small_cfg['steps'], seed=2 + 10 * seed), seed=seed)
+    classifier = cached_module(cache_dir, 'classifier', dict(epochs=400 // scale, version=2), Classifier,
+                               lambda m: _train_classifier(m, x, y, 400 // scale))
     return strong, early, small, classifier
 
 

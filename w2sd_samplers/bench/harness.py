@@ -23,7 +23,7 @@ import torch
 
 from .. import guidance
 from ..nfe import CallCounter
-from ..tuning import reflected, select
+from ..tuning import largest_steps, reflected, select, stand_in
 from .methods import (AUTOGUIDANCE_WINDOWS, AUTOGUIDANCE_WS, METHODS, OWN_SAMPLER, RESAMPLING_FRACS, RESTARTS,
                       W2SD_GRID, W2SD_VARIANTS, edges)
 
@@ -134,58 +134,52 @@ class Runner:
     def tuned(self, pair, sampler, candidates, budget=None):
         """The candidate ``(method, steps, params)`` picked on the tuning seeds by ``tuning.select``, evaluated;
         its counted NFE is checked against ``budget``."""
-        (method, steps, params), score = select(candidates, lambda c: self.tune_score(pair, sampler, *c))
+        method, steps, params = select(candidates, lambda c: self.tune_score(pair, sampler, *c))
         res = self.evaluate(pair, sampler, method, steps, params)
         if budget is not None and res.nfe > budget:
             raise AssertionError(f'{res.method} used {res.nfe} NFE, over the budget {budget}')
-        res.tune, res.n_settings, res.edges = score, len(candidates), edges(method, params, self.suite)
+        res.tune, res.n_settings = self.tune_score(pair, sampler, method, steps, params), len(candidates)
+        res.edges = edges(method, params, self.suite)
         if method == 'strong' and steps == min(self.suite.ladder):
             res.edges.append(f'{steps} steps')
         return res
 
-    def _fit(self, nfe_of, budget):
-        """The largest ladder step count whose NFE fits the budget (None if none does)."""
-        fits = [s for s in self.suite.ladder if s >= 2 and nfe_of(s) <= budget]
-        return max(fits) if fits else None
+    def nfe(self, pair, sampler, method, steps, params):
+        """The NFE of one run, counted on stand-in denoisers (no model runs)."""
+        stand_ins = pair.with_denoisers(stand_in, stand_in, None)
+        return self.sample(stand_ins, OWN_SAMPLER.get(method, sampler), method, steps, params, 0, 1)[1]
 
-    def _counts(self, nfe_of, budget, steps):
-        """The step counts a baseline family is tuned over: the largest ladder count that fits, and T if it fits."""
-        fit = self._fit(nfe_of, budget)
-        return sorted({n for n in (fit, steps) if n is not None and nfe_of(n) <= budget})
-
-    def candidates(self, family, budget, steps):
-        """``(method, steps, params)`` candidates of a family with NFE <= budget, in the protocol's order."""
+    def candidates(self, pair, sampler, family, budget, steps):
+        """``(method, steps, params)`` candidates of a family with NFE <= budget, in the protocol's order: each
+        baseline setting at the largest ladder step count that fits (:func:`~w2sd_samplers.tuning.largest_steps`)
+        and at T."""
         s = self.suite
+        ladder = [n for n in s.ladder if n >= 2]
+
+        def counts(method, params):
+            def nfe(n):
+                if method == 'restart':
+                    try:
+                        guidance.restart_plan(self.sigmas(n), sigma_lo=params['lo'], sigma_hi=params['hi'],
+                                              restart_k=params['k'])
+                    except ValueError:          # sigma_lo snapped to a level at or above sigma_hi
+                        return None
+                return self.nfe(pair, sampler, method, n, params)
+            return sorted({largest_steps(nfe, budget, ladder), largest_steps(nfe, budget, [steps])} - {None})
         if family == 'strong':
             return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if n <= budget]
         if family == 'w2sd':
             return [c for name in s.variants for c in self.w2sd_candidates(name, steps)]
-        if family == 'ag':
-            return [('autoguidance', n, {'w': w}) for n in self._counts(lambda n: 2 * n, budget, steps)
-                    for w in s.ag_ws]
+        if family == 'ag':              # w does not change the NFE
+            return [('autoguidance', n, {'w': w}) for n in counts('autoguidance', {'w': 1.}) for w in s.ag_ws]
         if family == 'ag_interval':
-            out = []
-            for lo, hi in s.ag_windows:
-                def nfe(n):
-                    return n + sum(lo <= float(sig) <= hi for sig in self.sigmas(n)[:-1])
-                out += [('autoguidance', n, {'w': w, 'window': (lo, hi)}) for n in self._counts(nfe, budget, steps)
-                        for w in s.ag_ws]
-            return out
+            return [('autoguidance', n, {'w': w, 'window': window}) for window in s.ag_windows
+                    for n in counts('autoguidance', {'w': 1., 'window': window}) for w in s.ag_ws]
         if family == 're-sampling':
             return [('re-sampling', n, {'lam_frac': f}) for f in s.resampling_fracs
-                    for n in self._counts(lambda n: n + reflected(n, f), budget, steps)]
+                    for n in counts('re-sampling', {'lam_frac': f})]
         if family == 'restart':
-            out = []
-            for r in s.restarts:
-                def nfe(n):
-                    sig = self.sigmas(n)
-                    try:
-                        plan = guidance.restart_plan(sig, sigma_lo=r['lo'], sigma_hi=r['hi'], restart_k=r['k'])
-                    except ValueError:          # sigma_lo snapped to a level at or above sigma_hi
-                        return budget + 1
-                    return guidance.restart_nfe(sig, plan)
-                out += [('restart', n, r) for n in self._counts(nfe, budget, steps)]
-            return out
+            return [('restart', n, r) for r in s.restarts for n in counts('restart', r)]
         raise ValueError(f'unknown family {family!r}')
 
     def w2sd_candidates(self, name, steps):
@@ -199,7 +193,7 @@ class Runner:
         budget = steps + 2 * reflected(steps, 1.)
         out = {'budget': budget, 'best': {}}
         for family in s.families:            # a family may not fit a small budget: then it is left out
-            cands = self.candidates(family, budget, steps)
+            cands = self.candidates(pair, sampler, family, budget, steps)
             if cands:
                 out['best'][family] = self.tuned(pair, sampler, cands, budget)
         if s.full(pair, (sampler, steps)):

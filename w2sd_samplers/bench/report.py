@@ -75,7 +75,7 @@ def settings(res):
 
 def _cell_winner(best):
     """The family with the lowest tuning-seed mean (ties to the earlier family in ``FAMILIES``)."""
-    return select([f for f in FAMILIES if f in best], lambda f: best[f].tune)[0]
+    return select([f for f in FAMILIES if f in best], lambda f: best[f].tune)
 
 
 def analyse(suite, results):
@@ -91,7 +91,7 @@ def analyse(suite, results):
     for p in suite.pairs:
         best = [results[p.name][c]['best'] for c in cells[p.name]]
         winners = [_cell_winner(b) for b in best]
-        use = select([f for f in FAMILIES if f in best[0]], lambda f: -winners.count(f))[0]
+        use = select([f for f in FAMILIES if f in best[0]], lambda f: -winners.count(f))
         per_model.append(dict(pair=p, best=best, cells=cells[p.name], winners=winners, use=use,
                               wins=winners.count(use)))
     use_p, key_p, tost = [], [], []

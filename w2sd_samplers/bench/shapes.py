@@ -258,10 +258,10 @@ def models(cache_dir, seed=0, quick=False, conditional=True):
                 def extra(rows):
                     label = ATTRS[0][idx[rows]]
                     return {'label': torch.where(torch.rand(len(rows)) < LABEL_DROP, classes, label)}
-            digits._train_denoiser(m, images, cfg['steps'], 1 + seed, batch=64, lr=cfg['lr'],
-                                   sigma_loc=cfg['sigma_loc'], sigma_scale=cfg['sigma_scale'], extra=extra)
-        return digits._cached(cache_dir, name, cfg, denoiser(cfg['channels'], classes), train, prefix='shapes',
-                              seed=seed)
+            digits.train_denoiser(m, images, cfg['steps'], 1 + seed, batch=64, lr=cfg['lr'],
+                                  sigma_loc=cfg['sigma_loc'], sigma_scale=cfg['sigma_scale'], extra=extra)
+        return digits.cached_module(cache_dir, name, cfg, denoiser(cfg['channels'], classes), train,
+                                    prefix='shapes', seed=seed)
 
     out = {'strong': trained('strong', config())}
     if conditional:
@@ -270,8 +270,8 @@ def models(cache_dir, seed=0, quick=False, conditional=True):
     for name, squares in WEAK_RATIOS.items():
         tune = dict(steps=FINE_TUNE['steps'] // scale, lr=FINE_TUNE['lr'])
         out[name] = trained(name, config(squares=squares, fine_tuned=tune, **tune), start=out['strong'])
-    classifier = digits._cached(cache_dir, 'classifier', dict(steps=600 // scale, version=3), Classifier,
-                                lambda m: _train_classifier(m, 600 // scale), prefix='shapes')
+    classifier = digits.cached_module(cache_dir, 'classifier', dict(steps=600 // scale, version=3), Classifier,
+                                      lambda m: _train_classifier(m, 600 // scale), prefix='shapes')
     return out, classifier
 
 

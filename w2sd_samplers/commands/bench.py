@@ -10,12 +10,11 @@ import multiprocessing
 import pathlib
 import platform
 import resource
-import sys
 import time
 
 import torch
 
-from .common import UsageError, at_least, device as torch_device, run
+from .common import UsageError, at_least, device as torch_device, output_folder, recorded_command, run
 
 SUITES = ('gmm', 'digits', 'shapes', 'overhead')
 QUALITY = ('gmm', 'digits', 'shapes')
@@ -66,10 +65,18 @@ def check(args, suites):
             torch_device(args.device)
         except argparse.ArgumentTypeError as e:
             raise UsageError(f'--device {args.device}: {e}') from None
+    output_folder(args.out, '--out')
+    output_folder(args.cache, '--cache')
     out = pathlib.Path(args.out)
     if out.resolve() == COMMITTED and (out / 'RESULTS.md').exists() and not args.force:
         raise UsageError(f'--out {args.out}: holds the committed benchmark results; pass --force to overwrite them, '
                          'or choose another --out')
+    if args.from_json:
+        saved = [name for name in suites if name != 'overhead' and (out / f'{name}.json').is_file()
+                 and (out / 'sections' / f'{name}.md').is_file()]
+        if not saved:
+            raise UsageError(f'--from-json: {args.out} holds no saved quality suite ({", ".join(QUALITY)}: its '
+                             '<suite>.json and sections/<suite>.md); run the suite without --from-json first')
 
 
 def main(args):
@@ -81,7 +88,7 @@ def main(args):
         # one overhead section per UNet and device, so a GPU run adds to the CPU one
         key = f'overhead-{args.unet}-{torch.device(args.device).type}' if name == 'overhead' else name
         section = out / 'sections' / f'{key}.md'
-        if args.from_json and (name == 'overhead' or not section.exists()):
+        if args.from_json and (name == 'overhead' or not section.exists() or not (out / f'{name}.json').exists()):
             continue
         start, cpu = time.perf_counter(), _cpu_seconds()
         text = RUNNERS[name](args, out)
@@ -90,9 +97,8 @@ def main(args):
             footer = [line for line in section.read_text().splitlines() if line.startswith('_Command:')]
             text += '\n' + '\n'.join(footer) + '\n'
         else:
-            cmd = 'w2sd bench ' + ' '.join(sys.argv[sys.argv.index('bench') + 1:] if 'bench' in sys.argv
-                                           else sys.argv[1:])
-            text += (f'\n_Command: `{cmd.strip()}` (suite {name}); wall time {took / 60:.1f} min, CPU time '
+            cmd = recorded_command('bench', args, [args.out, args.cache], out)
+            text += (f'\n_Command: `{cmd}` (suite {name}, run in this folder); wall time {took / 60:.1f} min, CPU time '
                      f'{cpu / 60:.1f} min (a wall time far above the CPU time means the machine was shared) on '
                      f'{platform.machine()} with {torch.get_num_threads()} torch threads, '
                      f'torch {torch.__version__}; {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}._'

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from .common import HelpFormatter, UsageError, at_least, output_file
+from .common import HelpFormatter, UsageError, at_least, output_file, seed
 
 # Below this the energy-distance estimate's own noise (std about 0.01 at 1000 samples, 0.1 at 100 for the ideal
 # row) is as large as the differences between the methods, and single rows go negative.
@@ -14,7 +14,7 @@ def add_parser(subparsers):
     """Add the ``demo`` subcommand to an argparse ``subparsers`` object; returns its parser."""
     p = subparsers.add_parser('demo', help="W2SD on the paper's 2-D Gaussian-mixture toy (exact denoisers, no weights)",
                               formatter_class=HelpFormatter)
-    p.add_argument('--seed', type=int, default=0, help='seed of the noise and of the reference samples')
+    p.add_argument('--seed', type=seed, default=0, help='seed of the noise and of the reference samples')
     p.add_argument('--steps', type=at_least(2), default=50, help='sampling steps T (the paper uses 50)')
     p.add_argument('--samples', type=at_least(MIN_DEMO_SAMPLES), default=4000,
                    help=f'samples per method (at least {MIN_DEMO_SAMPLES}: fewer make the energy distance noisier '

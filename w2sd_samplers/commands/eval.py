@@ -8,7 +8,6 @@ winrate.png. ``--resume`` continues an interrupted run with the same settings.
 """
 import argparse
 import os
-import shlex
 import sys
 import time
 
@@ -16,7 +15,7 @@ import torch
 
 from ..eval import methods as M, report, scorers as S
 from ..eval.store import Store, key
-from .common import UsageError, load_pipeline, run
+from .common import UsageError, load_pipeline, quiet_loaders, recorded_command, run
 
 PAIRS = ('cfg', 'prompt', 'weights', 'lora')
 DEFAULT_METHODS = 'plain,plain-nfe,w2sd-paper,w2sd-anchored,autoguidance'
@@ -63,7 +62,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser('eval', help='paired, matched-NFE evaluation on a local diffusers pipeline',
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=interruptible)
     return p
 
 
@@ -72,7 +71,7 @@ def standalone(argv=None):
     p = argparse.ArgumentParser(prog='w2sd eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=interruptible)
     args = p.parse_args(argv)
     args.command_line = sys.argv[1:] if argv is None else list(argv)
     run(p, args, 'w2sd eval')
@@ -167,6 +166,15 @@ def _settings(args, methods, prompts):
                 width=args.width, dtype=args.dtype, scorers=args.scorer)
 
 
+def interruptible(args):
+    """:func:`main`, with Ctrl-C said in one line: every row on disk is whole or dropped on resume."""
+    try:
+        return main(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f'w2sd eval: interrupted; --resume continues (the rows so far are in {args.out})\n')
+        raise SystemExit(130) from None
+
+
 def main(args):
     """Run ``w2sd eval``; returns the summary path (main process) or None."""
     methods, prompts = _methods(args.methods), _prompts(args.prompts)
@@ -191,11 +199,8 @@ def main(args):
     store.check(settings, args.resume)
 
     from accelerate import PartialState
-    if args.no_progress:                # also the loaders' bars: an error stays the only line on stderr
-        import diffusers
-        import transformers
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    if args.no_progress:
+        quiet_loaders()
     state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
     device = state.device
     dtype = args.dtype or ('float16' if device.type == 'cuda' else 'float32')
@@ -295,9 +300,9 @@ def _summarise(store, args, methods, prompts, size, processes):
         fid = S.fid(args.fid, args.fid_features, {m: v for m, v in images.items() if len(v) > 1}, size)
     scorer_names = list(rows[0]['scores']) if rows else []
     expected = len(prompts) * args.seeds * len(methods)
-    argv = getattr(args, 'command_line', None)         # None: run as `w2sd eval ...`
-    if argv is None:
-        argv = sys.argv[sys.argv.index('eval') + 1:] if 'eval' in sys.argv else sys.argv[1:]
+    kind, value, _ = _pair_spec(args.pair, args)
+    paths = [args.model, args.prompts, args.out, args.fid, args.fid_features, value if kind in ('weights', 'lora')
+             else None] + [spec.partition(':')[2] for spec in args.scorer]
     text = '\n'.join([
         f'# w2sd eval: {os.path.basename(os.path.normpath(args.model))}, pair {args.pair}', '',
         f'{len(prompts)} prompts x {args.seeds} seeds, {len(rows)} of {expected} rows; sampler {args.sampler}, '
@@ -306,7 +311,7 @@ def _summarise(store, args, methods, prompts, size, processes):
         'reference on the same noise (ties count half), with a 95% bootstrap interval over items.', '',
         report.tables(rows, methods, scorer_names, fid),
         '![image grid](grid.png)', '', '![win rates](winrate.png)', '',
-        f'_Command: `w2sd eval {shlex.join(argv)}`_', ''])
+        f'_Command: `{recorded_command("eval", args, paths, store.out)}` (paths relative to this folder)_', ''])
     path = store.out / 'summary.md'
     path.write_text(text, encoding='utf-8')
     if rows:

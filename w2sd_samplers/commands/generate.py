@@ -9,7 +9,8 @@ import torch
 from .. import generate as pipelines
 from ..generate import SCHEDULES, family, generate
 from ..sampling import SAMPLERS
-from .common import HelpFormatter, UsageError, at_least, device, finite_float, load_pipeline, output_file
+from .common import (HelpFormatter, UsageError, at_least, device, finite_float, load_pipeline, output_file,
+                     quiet_loaders, seed)
 
 
 def add_parser(subparsers):
@@ -25,7 +26,7 @@ def add_parser(subparsers):
     p.add_argument('--schedule', default='native', choices=SCHEDULES,
                    help="sigma schedule ('native': the pipeline scheduler's timestep spacing)")
     p.add_argument('--cfg', type=finite_float, default=7.5, help='CFG scale of the main step')
-    p.add_argument('--seed', type=int, default=0, help='seed of the initial noise and of sampler noise')
+    p.add_argument('--seed', type=seed, default=0, help='seed of the initial noise and of sampler noise')
     p.add_argument('--height', type=at_least(1), help="image height in pixels (default: the model's own size)")
     p.add_argument('--width', type=at_least(1), help="image width in pixels (default: the model's own size)")
     p.add_argument('--frames', type=at_least(1), default=16, help='video frames (AnimateDiff)')
@@ -51,7 +52,7 @@ def add_parser(subparsers):
                    choices=('float32', 'float16', 'bfloat16'), help='model dtype')
     p.add_argument('--out', default='w2sd.png', help='output file (.png, .jpg, ... for images, .gif or .mp4 for '
                                                     'video; several images get _0, _1, ... suffixes)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--no-progress', action='store_true', help="no progress bars (also none from diffusers' loaders)")
     p.set_defaults(func=main)
     return p
 
@@ -91,6 +92,8 @@ def main(args):
         if args.parity:
             raise UsageError("--parity runs the official code's reflection, which has no --strength or --form")
         w2sd_options.update(strength=args.strength, form=args.form)
+    if args.no_progress:
+        quiet_loaders()
     pipe = load_pipeline(args.model, 'MODEL', args.device, args.dtype)
     video = family(pipe) == 'animatediff'
     _check_out(args.out, video)

@@ -7,12 +7,10 @@ No sampling math here: plain sampling is k-diffusion's, W2SD the library's sampl
 """
 import dataclasses
 
-import torch
-
 from .. import _kdiff, guidance
 from ..nfe import CallCounter
 from ..sampling import SAMPLERS
-from ..tuning import reflected
+from ..tuning import largest_steps, reflected, stand_in
 
 # name -> W2SD form options; None: not a W2SD run
 METHODS = {
@@ -73,21 +71,18 @@ def counted(roles, counter, denoiser=None):
 def dry_nfe(method, roles, sigmas, o):
     """Denoiser calls per role of ``method`` on ``sigmas``, counted on a stand-in denoiser (no model runs)."""
     counter = CallCounter()
-    run(method, counted(roles, counter, lambda x, sigma, **_: torch.zeros_like(x)), sigmas.new_zeros([1, 1]),
-        sigmas, o)
+    run(method, counted(roles, counter, stand_in), sigmas.new_zeros([1, 1]), sigmas, o)
     return counter.counts
 
 
 def choose_steps(method, roles, sigmas_of, budget, o):
-    """The largest step count whose counted NFE is <= ``budget`` (NFE grows with the step count), or None when
-    even that count leaves the weak leg unused (a 'W2SD' or guidance run that would be plain sampling)."""
-    lo, hi = 0, budget              # one call per step at least: more than `budget` steps never fit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(dry_nfe(method, roles, sigmas_of(mid), o).values()) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0 or (not method.startswith('plain') and not dry_nfe(method, roles, sigmas_of(lo), o)['weak']):
+    """The largest step count whose counted NFE is <= ``budget`` (:func:`~w2sd_samplers.tuning.largest_steps`),
+    or None when even that count leaves the weak leg unused (a 'W2SD' or guidance run that would be plain
+    sampling)."""
+    def nfe(steps):
+        return sum(dry_nfe(method, roles, sigmas_of(steps), o).values())
+    # one call per step at least: more than `budget` steps never fit
+    steps = largest_steps(nfe, budget, range(1, budget + 1))
+    if steps is None or (not method.startswith('plain') and not dry_nfe(method, roles, sigmas_of(steps), o)['weak']):
         return None
-    return lo
+    return steps

@@ -12,10 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from w2sd_samplers import _kdiff
-from w2sd_samplers.guidance import _heun_step
-from w2sd_samplers.reflect import check_sigmas
-from w2sd_samplers.sampling import (SAMPLERS, _setup, _w2sd_signature, sample_w2sd_deis,
-                                    sample_w2sd_dpm_fast)
+from w2sd_samplers.guidance import heun_step
+from w2sd_samplers.reflect import Reflection, check_sigmas, check_x
+from w2sd_samplers.sampling import SAMPLERS, sample_w2sd_deis, sample_w2sd_dpm_fast, w2sd_signature
 
 
 def restart_schedule(sigmas, restart_list=None):
@@ -48,7 +47,7 @@ def restart_schedule(sigmas, restart_list=None):
     return sigmas, step_list
 
 
-@_w2sd_signature
+@w2sd_signature
 @torch.no_grad()
 def sample_w2sd_restart(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
                         restart_list=None, **w2sd):
@@ -56,7 +55,8 @@ def sample_w2sd_restart(model, x, sigmas, extra_args=None, callback=None, disabl
     schedule; the restart segments are not reflected. ``lam`` counts main steps."""
     check_sigmas(sigmas)
     sigmas, step_list = restart_schedule(sigmas, restart_list)
-    model, extra_args, refl, s_in = _setup(model, x, sigmas, extra_args, w2sd)
+    refl = Reflection(model, sigmas, {} if extra_args is None else extra_args, **w2sd)
+    model, extra_args, s_in = refl.main, refl.extra_args, check_x(x).new_ones([x.shape[0]])
     last_sigma = None
     for step_id, (sigma, sigma_next, i) in enumerate(tqdm(step_list, disable=disable)):
         if last_sigma is None:
@@ -65,7 +65,7 @@ def sample_w2sd_restart(model, x, sigmas, extra_args=None, callback=None, disabl
             x = x + _kdiff.randn_like(x) * s_noise * (sigma ** 2 - last_sigma ** 2) ** 0.5
         if i is not None:
             x = refl(x, i)
-        x_next, denoised = _heun_step(model, x, sigma, sigma_next, extra_args, s_in)
+        x_next, denoised = heun_step(model, x, sigma, sigma_next, extra_args, s_in)
         if callback is not None:  # A1111 reports sigma_next as 'sigma'
             callback({'x': x, 'i': step_id, 'sigma': sigma_next, 'sigma_hat': sigma, 'denoised': denoised})
         x, last_sigma = x_next, sigma_next
