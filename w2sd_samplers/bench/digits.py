@@ -8,9 +8,9 @@ https://archive.ics.uci.edu/dataset/80, CC BY 4.0), written once with
 (so hyperparameters are never chosen on the digits they are reported against); the rest train.
 
 Models (one set per training seed): a strong MLP denoiser with Karras et al.'s preconditioning
-(``k_diffusion.layers.Denoiser``), and two weak ones: the strong model's early checkpoint and a small model. A classifier (64-256-64-10) supplies the 64-d
-features for the Frechet distance, the class balance and k-NN precision/recall. Weights are cached as
-safetensors under ``cache_dir``, keyed by their training configuration.
+(``k_diffusion.layers.Denoiser``), and two weak ones: the strong model's early checkpoint and a small model. A
+classifier (64-256-64-10) supplies the 64-d features for the Frechet distance, the class balance and k-NN
+precision/recall. Weights are cached as safetensors under ``cache_dir``, keyed by their training configuration.
 """
 import hashlib
 import json
