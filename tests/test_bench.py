@@ -1,11 +1,15 @@
 import argparse
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from w2sd_samplers import cli as main_cli, stats, toy
-from w2sd_samplers.bench import digits, gmm, harness, metrics, shapes
+from w2sd_samplers import cli as main_cli, stats, toy, tuning
+from w2sd_samplers.bench import digits, gmm, harness, methods, metrics, report, shapes
 from w2sd_samplers.commands import bench as cli
 
 
@@ -31,6 +35,42 @@ def test_paired_p_sees_a_consistent_shift_and_not_noise():
     a = [1., 2., 3., 4., 5.]
     assert stats.paired_p([x + 0.5 + 0.01 * i for i, x in enumerate(a)], a) < 1e-4
     assert stats.paired_p(a, a) == 1.
+
+
+def test_tost_is_the_larger_of_two_one_sided_t_tests():
+    from scipy import stats as sp
+    g = torch.Generator().manual_seed(4)
+    a = (torch.randn(12, generator=g, dtype=torch.float64) + 10).tolist()
+    b = [x + 0.05 + 0.1 * float(e) for x, e in zip(a, torch.randn(12, generator=g, dtype=torch.float64))]
+    d = [x - y for x, y in zip(a, b)]
+    for margin in (0.02, 0.2, 1.):
+        lower = sp.ttest_1samp([v + margin for v in d], 0., alternative='greater').pvalue
+        upper = sp.ttest_1samp([v - margin for v in d], 0., alternative='less').pvalue
+        assert stats.tost_p(a, b, margin) == pytest.approx(max(lower, upper), rel=1e-12)
+    assert stats.tost_p(a, b, 1.) < 1e-6 and stats.tost_p(a, b, 0.02) > 0.5
+    with pytest.raises(ValueError, match='margin'):
+        stats.tost_p(a, b, 0.)
+
+
+def test_power_matches_the_published_sample_size():
+    # Cohen (1988) / G*Power: a one-sample (paired) t-test at d = 0.5, alpha 0.05 two-sided, needs n = 34 for 80%
+    # power (power 0.808 there, 0.798 at n = 33)
+    assert stats.paired_power(1., 0.5, 34) == pytest.approx(0.808, abs=0.002)
+    assert stats.pairs_for_power(2., 1.) == 34 and stats.pairs_for_power(1., 0.) is None
+    assert stats.paired_power(0.005, 0.0346, 8) == 1.       # a large effect: 1, not nan
+    # large n: the normal approximation Phi(d sqrt(n) - z_0.975)
+    assert stats.paired_power(1., 0.2, 400) == pytest.approx(0.5 * (1 + math.erf((4 - 1.959964) / 2 ** 0.5)),
+                                                             abs=0.003)
+
+
+def test_select_breaks_ties_by_the_written_order_and_never_picks_nan():
+    cands = ['c', 'a', 'b', 'd']
+    score = {'a': 1., 'b': 1., 'c': 2., 'd': float('nan')}
+    assert tuning.select(cands, score.get) == 'a'
+    assert tuning.select(['b', 'a'], score.get) == 'b'
+    assert tuning.select(['d', 'c'], score.get) == 'c'
+    with pytest.raises(ValueError):
+        tuning.select([], score.get)
 
 
 def _gauss_abs_mean(m, s):
@@ -93,7 +133,7 @@ def test_gmm_cases_have_the_stated_geometry():
 
 def _tiny_suite(pairs, samplers=('euler',), steps=(6,)):
     return harness.Suite('t', pairs, gmm.metric, 'energy', samplers, steps, [0], [1, 2], 48, 64,
-                         [(0.5, 1.), (1., 0.5)], ag_ws=(0.05, 1.), ag_windows=((0.28, 5.42), (1., 80.)),
+                         w2sd_grid=((0.5, 1.), (1., 0.5)), ag_ws=(0.05, 1.), ag_windows=((0.28, 5.42), (1., 80.)),
                          resampling_fracs=(0.5, 1.), restarts=(dict(lo=1., hi=5., k=1),), ladder=(4, 6, 8, 12))
 
 
@@ -127,7 +167,7 @@ def test_w2sd_at_strength_zero_is_strong_and_runs_are_paired():
         assert not torch.equal(strong, other_seed)
 
 
-def test_compare_tunes_on_tune_seeds_and_keeps_baselines_within_the_nfe():
+def test_compare_tunes_on_tune_seeds_and_keeps_every_family_within_the_nfe():
     pair = gmm.cases()[0]
     suite = _tiny_suite([pair])
     run = harness.Runner(suite)
@@ -136,27 +176,60 @@ def test_compare_tunes_on_tune_seeds_and_keeps_baselines_within_the_nfe():
     assert out['strong'].nfe == T and len(out['strong'].values) == 2
     assert out['variants']['paper']['w2sd'].params['lam_frac'] == 1.
     assert out['budget'] == 3 * T - 2 and max(r.nfe for r in out['best'].values()) <= out['budget']
+    assert list(out['best']) == list(harness.FAMILIES)
+    for family, b in out['best'].items():
+        cands = run.candidates(pair, 'euler', family, out['budget'], T)
+        scores = [run.tune_score(pair, 'euler', *c) for c in cands]
+        assert b.n_settings == len(cands) and b.tune == min(scores)
+        assert (b.method, b.steps, b.params) == cands[scores.index(min(scores))]
+    # strong alone: every step count that fits, T and the budget included; the baselines at the largest fit and T
+    assert [c[1] for c in run.candidates(pair, 'euler', 'strong', 16, T)] == [4, 6, 8, 12, 16]
+    assert [c[1] for c in run.candidates(pair, 'euler', 'ag', 16, T)] == [6, 6, 8, 8]
+    assert len(run.candidates(pair, 'euler', 'w2sd', 16, T)) == 1 + 2 * len(suite.w2sd_grid)
     for name, c in out['variants'].items():
-        w2sd = c['w2sd']
-        if name != 'paper':
-            assert (w2sd.params['lam_frac'], w2sd.params['strength']) in suite.grid
-            best = min(suite.grid, key=lambda g: run.tune_score(pair, 'euler', 'w2sd', T,
-                                                                dict(w2sd.params, lam_frac=g[0], strength=g[1])))
-            assert (w2sd.params['lam_frac'], w2sd.params['strength']) == best
-        assert c['self'].params == w2sd.params and c['self'].nfe == w2sd.nfe
-        assert set(c['baselines']) == set(harness.FAMILIES) - ({'restart'} if w2sd.nfe < 15 else set())
-        for family, b in c['baselines'].items():
-            assert b.nfe <= w2sd.nfe
-        # strong alone: the step count with the best tuning score among all that fit, T and the budget included
-        fits = sorted({n for n in (*suite.ladder, T, w2sd.nfe) if n <= w2sd.nfe})
-        assert c['baselines']['strong'].steps == min(fits, key=lambda n: run.tune_score(pair, 'euler', 'strong', n, {}))
-        ag, agi = c['baselines']['ag'], c['baselines']['ag_interval']
-        assert ag.params['w'] in suite.ag_ws and 'window' not in ag.params
-        assert agi.params['w'] in suite.ag_ws and tuple(agi.params['window']) in suite.ag_windows
+        assert c['self'].params == c['w2sd'].params and c['self'].nfe == c['w2sd'].nfe
     # only tuning-seed runs are scored at n_tune; evaluation uses the disjoint seeds
     tuned_seeds = {k[5] for k in run._cache if k[6] == suite.n_tune}
     eval_seeds = {k[5] for k in run._cache if k[6] == suite.n_eval}
     assert tuned_seeds == set(suite.tune_seeds) and eval_seeds == set(suite.eval_seeds)
+
+
+def test_edges_mark_tuned_values_at_an_extendable_end():
+    s = _tiny_suite([])
+    assert methods.edges('autoguidance', {'w': 1.}, s) == ['w 1']
+    assert methods.edges('autoguidance', {'w': 0.05, 'window': (1., 80.)}, s) == ['w 0.05']
+    anchored = dict(form='anchored', weak_sigma='current')
+    assert methods.edges('w2sd', dict(anchored, lam_frac=1., strength=0.5), s) == ['strength 0.5']
+    assert methods.edges('w2sd', dict(anchored, lam_frac=0.5, strength=0.5), s) == ['strength 0.5', 'λ fraction 0.5']
+    assert methods.edges('w2sd', dict(anchored, lam_frac=1., strength=0.75), s) == []
+    # the paper's fixed setting is not tuned; lambda = T - 1 and one restart are natural ends
+    assert methods.edges('w2sd', dict(form='paper', weak_sigma='current', lam_frac=1., strength=1.), s) == []
+    assert methods.edges('re-sampling', {'lam_frac': 1.}, s) == []
+    assert methods.edges('restart', dict(lo=1., hi=5., k=1), s) == []
+
+
+def _result(values, tune, seconds=1.):
+    return harness.Result('x', 10, {}, 10, values, {}, seconds=seconds, tune=tune)
+
+
+def test_verdict_ties_go_to_the_family_order_and_rows_need_every_model():
+    from w2sd_samplers.bench.methods import Pair
+    ev = [1., 2., 3., 4.]
+
+    def best(tunes):
+        return {f: _result([v + i for v in ev], t) for i, (f, t) in enumerate(zip(harness.FAMILIES, tunes))}
+    # every family ties on the tuning seeds: strong alone, the first family, is picked
+    pairs = [Pair(f'p/m{m}', None, None, (1,), group='p', model=m, cells=[('euler', 10)]) for m in (0, 1)]
+    suite = _tiny_suite(pairs)
+    tie = {'p/m0': {('euler', 10): {'best': best([1.] * 6)}}, 'p/m1': {('euler', 10): {'best': best([1.] * 6)}}}
+    (g,) = report.analyse(suite, tie)
+    assert g['use'] == 'strong' and [m['use'] for m in g['models']] == ['strong', 'strong']
+    # model 1 picks W2SD (lowest tuning mean), model 0 AG interval: the row depends on the model
+    split = {'p/m0': {('euler', 10): {'best': best([3, 3, 1, 3, 3, 2])}},
+             'p/m1': {('euler', 10): {'best': best([3, 3, 2, 3, 3, 1])}}}
+    (g,) = report.analyse(suite, split)
+    assert g['use'] is None and [m['use'] for m in g['models']] == ['ag_interval', 'w2sd']
+    assert 'depends on the model: m0 AG interval, m1 W2SD' in '\n'.join(report.verdict_table([g]))
 
 
 def test_digits_data_and_cached_models(tmp_path, monkeypatch):
@@ -189,27 +262,52 @@ def test_digits_data_and_cached_models(tmp_path, monkeypatch):
     assert metric(None, xh[:300], 5)['fd'] > 0.01
 
 
-def test_shapes_read_off_is_exact():
+def test_shapes_read_off_is_exact_and_has_a_margin():
     assert float(shapes.template_probs(0.5).sum()) == pytest.approx(1.)
     idx, valid = shapes.read_off(shapes.TEMPLATES)
     assert torch.equal(idx, torch.arange(len(shapes.TEMPLATES))) and valid.all()
-    # a green plus of side 8 at (x, y) = (4, 8), drawn by hand: bars of thickness 2 through its centre
+    # a green plus of side 8 at (x, y) = (8, 8), drawn by hand: bars of thickness 2 through its centre
     img = -torch.ones(3, 16, 16)
-    img[1, 8:16, 7:9] = img[1, 11:13, 4:12] = 1.
-    img[[0, 2], 8:16, 7:9] = img[[0, 2], 11:13, 4:12] = -1.
+    img[1, 8:16, 11:13] = img[1, 11:13, 8:16] = 1.
     i, ok = shapes.read_off(img[None])
-    assert ok.item() and shapes.ATTRS[:, i.item()].tolist() == [1, 1, 8, 4, 8]
-    stats_ = shapes.attribute_stats(torch.stack([img, -torch.ones(3, 16, 16)]))
+    assert ok.item() and shapes.ATTRS[:, i.item()].tolist() == [1, 1, 8, 8, 8]
+    # the closest templates, a square and a plus at one place, differ in 64 - 28 = 36 pixels of one channel by 2:
+    # RMS sqrt(36 * 4 / 768) = 0.433 > 2 * VALID_RMS, and their 50/50 blend (0.217 from each) is invalid
+    flat = shapes.TEMPLATES.reshape(len(shapes.TEMPLATES), -1)
+    dist = torch.cdist(flat, flat) / flat.shape[1] ** 0.5 + 9 * torch.eye(len(flat))
+    assert float(dist.min()) == pytest.approx((36 * 4 / 768) ** 0.5)
+    assert float(dist.min()) > 2 * shapes.VALID_RMS
+    square = shapes.TEMPLATES[(shapes.ATTRS[0] == 0) & (shapes.ATTRS[1] == 1) & (shapes.ATTRS[3] == 8)
+                              & (shapes.ATTRS[4] == 8)][0]
+    blend = (square + img) / 2
+    assert not shapes.read_off(blend[None])[1].item()
+    stats_ = shapes.attribute_stats(torch.stack([img, blend]))
     assert stats_['valid'] == 0.5 and stats_['class_tv'] == pytest.approx(0.5 * (0.5 + 0. + 0.5))
+    # asked for (square, plus): the plus is right, the blend invalid -> half the images are not of their label
+    assert shapes.attribute_stats(torch.stack([blend, img]), torch.tensor([0, 1]))['class_tv'] == 0.5
+    assert shapes.attribute_stats(torch.stack([square, img]), torch.tensor([1, 0]))['class_tv'] == 1.
     # many exact draws at 35% squares: the read-off finds the ratio within binomial noise (sd 0.005)
     x, _ = shapes.sample(8000, 0.35, torch.Generator().manual_seed(0))
     s = shapes.attribute_stats(x)
     assert s['valid'] == 1. and abs(s['ratio_err'] - 0.15) < 0.02 and s['attr_tv'] < 0.05
+    assert s['class_tv'] == pytest.approx(s['ratio_err'])          # all valid: TV = |squares - 1/2|
+
+
+def test_template_mixture_is_the_gaussian_mixture_denoiser():
+    exact, reference = shapes.TemplateMixture(0.35), toy.GaussianMixture(
+        shapes.TEMPLATES.reshape(len(shapes.TEMPLATES), -1), shapes.EXACT_STD, shapes.template_probs(0.35))
+    x = 2 * torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for sigma in (0.01, 0.3, 3., 80.):
+        s = torch.full([6], sigma, dtype=torch.float64)
+        # float64 on both sides: the two sums differ by rounding, O(768 * 1e-16) relative to outputs of size ~10
+        assert torch.allclose(exact(x, s), reference(x, s), rtol=0, atol=1e-10)
+    draws = exact.sample(4000, torch.Generator().manual_seed(0))
+    assert abs(shapes.attribute_stats(draws.float())['ratio_err'] - 0.15) < 0.03
 
 
 def _tiny_shapes(monkeypatch):
     monkeypatch.setattr(shapes, 'STRONG', dict(shapes.STRONG, channels=(8, 8), steps=40))
-    monkeypatch.setattr(shapes, 'SMALL', dict(channels=(4, 4)))
+    monkeypatch.setattr(shapes, 'COND_STEPS', 40)
 
 
 def test_shapes_models_are_cached_and_differ_only_as_stated(tmp_path, monkeypatch):
@@ -221,9 +319,14 @@ def test_shapes_models_are_cached_and_differ_only_as_stated(tmp_path, monkeypatc
         assert all(torch.equal(p, q) for p, q in zip(first[name].state_dict().values(),
                                                      second[name].state_dict().values()))
     w = lambda name: first[name].inner_model.proj_in.weight
-    assert not torch.equal(w('strong'), w('aligned')) and not torch.equal(w('strong'), w('early'))
+    assert not torch.equal(w('strong'), w('aligned')) and not torch.equal(w('aligned'), w('null'))
+    # another training seed: other initial weights, other models
+    other, _ = shapes.models(tmp_path, seed=1, quick=True, conditional=False)
+    assert 'conditional' not in other and not torch.equal(w('strong'), other['strong'].inner_model.proj_in.weight)
     out = first['strong'](torch.zeros(2, 3, 16, 16), torch.full([2], 0.5))
-    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    labels = first['conditional'](torch.zeros(2, 3, 16, 16), torch.full([2], 0.5), label=torch.tensor([0, 2]))
+    assert out.shape == labels.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    assert not torch.equal(labels[0], labels[1])
 
 
 def _bench(*argv):
@@ -241,16 +344,31 @@ def test_bench_cli_quick_gmm_writes_results(tmp_path, capsys):
     assert '2d-missing' in text and 'Quick mode' in text and 'Holm' in text
     for png in ('gmm_quality_vs_nfe.png', 'gmm_points_2d_missing.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
-    # the tables re-rendered from the saved per-seed JSON are the same
+    verdict = text[text.index('### gmm'):text.index('## Gaussian mixtures')]
+    assert 'Quick mode: smoke-test sizes. These numbers are not results' in verdict
+    # the tables re-rendered from the saved per-seed JSON are the same, under any hash seed
     assert _bench('gmm', '--quick', '--out', str(tmp_path), '--from-json') == 0
     assert (tmp_path / 'RESULTS.md').read_text() == text
+    # the cells in two processes: the same numbers (wall times aside)
+    assert _bench('gmm', '--quick', '--out', str(tmp_path / 'jobs'), '--no-progress', '--jobs', '2') == 0
+
+    def numbers(x):
+        return {k: numbers(v) for k, v in x.items() if k != 'seconds'} if isinstance(x, dict) else x
+    assert numbers(json.loads((tmp_path / 'jobs' / 'gmm.json').read_text())) == \
+        numbers(json.loads((tmp_path / 'gmm.json').read_text()))
+    for hash_seed in ('1', '2'):
+        subprocess.run([sys.executable, '-m', 'w2sd_samplers.bench', 'gmm', '--quick', '--out', str(tmp_path),
+                        '--from-json'], check=True, env=dict(os.environ, PYTHONHASHSEED=hash_seed),
+                       capture_output=True)
+        assert (tmp_path / 'RESULTS.md').read_text() == text
 
 
 def test_bench_cli_quick_shapes_writes_a_grid(tmp_path, monkeypatch):
     _tiny_shapes(monkeypatch)
     assert _bench('shapes', '--quick', '--out', str(tmp_path), '--no-progress') == 0
     text = (tmp_path / 'RESULTS.md').read_text()
-    assert '## Shapes' in text and 'shapes-aligned' in text
+    assert '## Shapes' in text and 'shapes-aligned' in text and 'shapes-cfg' in text and 'shapes-exact' in text
+    assert '| shapes-aligned | aligned | 2 |' in text           # two training seeds in quick mode
     assert (tmp_path / 'shapes_grid_shapes-aligned.png').read_bytes()[:4] == b'\x89PNG'
     assert list((tmp_path / 'cache').glob('shapes-strong-*.safetensors'))
 

@@ -127,7 +127,8 @@ def paired_power(sd, effect, n, alpha=0.05):
         return 1. if effect else alpha
     t, nct, df = _scipy_stats().t, _scipy_stats().nct, n - 1
     crit, nc = t.ppf(1 - alpha / 2, df), abs(effect) / sd * math.sqrt(n)
-    return float(nct.sf(crit, df, nc) + nct.sf(crit, df, -nc))    # P(T < -crit) by symmetry: cdf gives nan at large nc
+    # the far tail P(T < -crit) as sf at -nc by symmetry: scipy's nct.cdf(-crit, df, nc) returns nan for some large nc
+    return float(nct.sf(crit, df, nc) + nct.sf(crit, df, -nc))
 
 
 def pairs_for_power(sd, effect, power=0.8, alpha=0.05, most=10_000):

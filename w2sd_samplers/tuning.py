@@ -29,5 +29,11 @@ def largest_steps(nfe, budget, candidates):
 
 def select(candidates, score):
     """The candidate with the lowest ``score(candidate)``; a tie goes to the first in ``candidates`` (list them
-    in a fixed order), so the choice never depends on dict or set order."""
-    return min(candidates, key=score)
+    in a fixed order, e.g. the benchmarks' protocol's written order) and a NaN score never wins, so the choice
+    depends on neither hash seeds nor dict or set order."""
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError('select needs at least one candidate')
+    scores = [score(c) for c in candidates]
+    return candidates[min(range(len(candidates)), key=lambda i: (scores[i] != scores[i],
+                                                                 0. if scores[i] != scores[i] else scores[i], i))]

@@ -7,10 +7,10 @@ https://archive.ics.uci.edu/dataset/80, CC BY 4.0), written once with
 600 images are held out as references: 300 for scoring the tuning seeds, the other 300 for the evaluation seeds
 (so hyperparameters are never chosen on the digits they are reported against); the rest train.
 
-Models: a strong MLP denoiser with Karras et al.'s preconditioning (``k_diffusion.layers.Denoiser``), and two weak
-ones: the strong model's early checkpoint and a small model. A classifier (64-256-64-10) supplies the 64-d
-features for the Frechet distance, the class balance and k-NN precision/recall. Weights are cached as
-safetensors under ``cache_dir``, keyed by their training configuration.
+Models (one set per training seed): a strong MLP denoiser with Karras et al.'s preconditioning
+(``k_diffusion.layers.Denoiser``), and two weak ones: the strong model's early checkpoint and a small model. A
+classifier (64-256-64-10) supplies the 64-d features for the Frechet distance, the class balance and k-NN
+precision/recall. Weights are cached as safetensors under ``cache_dir``, keyed by their training configuration.
 """
 import hashlib
 import json
@@ -68,13 +68,14 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def cached_module(cache_dir, name, config, build, train, prefix='digits'):
-    """``build()`` with weights loaded from the cache, or trained by ``train(module)`` and saved."""
+def cached_module(cache_dir, name, config, build, train, prefix='digits', seed=0):
+    """``build()`` (initial weights from ``seed``) with weights loaded from the cache, or trained by
+    ``train(module)`` and saved."""
     from safetensors.torch import load_file, save_file
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     path = pathlib.Path(cache_dir) / f'{prefix}-{name}-{key}.safetensors'
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)          # the initial weights are part of the configuration
+        torch.manual_seed(seed)       # the initial weights are part of the configuration
         module = build()
     if path.exists():
         module.load_state_dict(load_file(path))
@@ -87,17 +88,21 @@ def cached_module(cache_dir, name, config, build, train, prefix='digits'):
     return module.eval().requires_grad_(False)
 
 
-def train_denoiser(model, data, steps, seed, snapshot_at=None, stop_at_snapshot=False, batch=256, lr=2e-3):
-    """Karras et al.'s loss with log-normal sigmas; returns a copy of the weights after ``snapshot_at`` steps."""
+def train_denoiser(model, data, steps, seed, snapshot_at=None, stop_at_snapshot=False, batch=256, lr=2e-3,
+                    sigma_loc=-1.2, sigma_scale=1.2, extra=None):
+    """Karras et al.'s loss with log-normal sigmas; returns a copy of the weights after ``snapshot_at`` steps.
+
+    ``extra(indices)`` (optional) gives the model's extra args for a batch of ``data`` rows (e.g. class labels).
+    """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     snapshot = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(1, steps + 1):
-            x0 = data[torch.randint(len(data), (batch,))]
-            sigma = kd.utils.rand_log_normal([batch], loc=-1.2, scale=1.2)
-            loss = model.loss(x0, torch.randn_like(x0), sigma).mean()
+            idx = torch.randint(len(data), (batch,))
+            sigma = kd.utils.rand_log_normal([batch], loc=sigma_loc, scale=sigma_scale)
+            loss = model.loss(data[idx], torch.randn_like(data[idx]), sigma, **(extra(idx) if extra else {})).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -120,13 +125,14 @@ def _train_classifier(model, x, y, epochs=400):
             opt.step()
 
 
-def models(cache_dir, quick=False):
-    """Trained (or cached) strong, early-checkpoint and small denoisers, and the classifier."""
+def models(cache_dir, seed=0, quick=False):
+    """Trained (or cached) strong, early-checkpoint and small denoisers from training seed ``seed`` (initial weights
+    and training noise), and the classifier (one for every seed)."""
     x, y = load('train')
     sigma_data = float(x.std())
     scale = 8 if quick else 1
-    strong_cfg = dict(STRONG, steps=STRONG['steps'] // scale, sigma_data=sigma_data, version=2)
-    small_cfg = dict(SMALL, steps=SMALL['steps'] // scale, sigma_data=sigma_data, version=2)
+    strong_cfg = dict(STRONG, steps=STRONG['steps'] // scale, sigma_data=sigma_data, version=2, seed=seed)
+    small_cfg = dict(SMALL, steps=SMALL['steps'] // scale, sigma_data=sigma_data, version=2, seed=seed)
     early_cfg = dict(strong_cfg, early=EARLY_STEP // scale)
 
     def denoiser(cfg):
@@ -135,19 +141,19 @@ def models(cache_dir, quick=False):
     snapshot = {}
 
     def train_strong(m):
-        snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1, early_cfg['early'])
-    strong = cached_module(cache_dir, 'strong', strong_cfg, denoiser(strong_cfg), train_strong)
+        snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'])
+    strong = cached_module(cache_dir, 'strong', strong_cfg, denoiser(strong_cfg), train_strong, seed=seed)
 
     def train_early(m):
         if 'early' not in snapshot:   # strong came from the cache: replay its run up to the snapshot
-            snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1, early_cfg['early'],
-                                                stop_at_snapshot=True)
+            snapshot['early'] = train_denoiser(m, x, strong_cfg['steps'], 1 + 10 * seed, early_cfg['early'],
+                                               stop_at_snapshot=True)
         m.load_state_dict(snapshot['early'])
-    early = cached_module(cache_dir, 'early', early_cfg, denoiser(strong_cfg), train_early)
+    early = cached_module(cache_dir, 'early', early_cfg, denoiser(strong_cfg), train_early, seed=seed)
     small = cached_module(cache_dir, 'small', small_cfg, denoiser(small_cfg),
-                    lambda m: train_denoiser(m, x, small_cfg['steps'], seed=2))
+                          lambda m: train_denoiser(m, x, small_cfg['steps'], seed=2 + 10 * seed), seed=seed)
     classifier = cached_module(cache_dir, 'classifier', dict(epochs=400 // scale, version=2), Classifier,
-                         lambda m: _train_classifier(m, x, y, 400 // scale))
+                               lambda m: _train_classifier(m, x, y, 400 // scale))
     return strong, early, small, classifier
 
 
@@ -188,10 +194,14 @@ def classifier_accuracy(classifier):
     return float((classifier(x).argmax(1) == y).double().mean())
 
 
-def cases(cache_dir, tune_seeds, quick=False):
-    strong, early, small, classifier = models(cache_dir, quick)
-    pairs = [Pair('digits-small', strong, small, (64,), note='strong MLP (256x3) vs a small MLP (32x2)',
-                  kind='quality gap (smaller network)'),
-             Pair('digits-early', strong, early, (64,), kind='quality gap (early checkpoint)',
-                  note=f'strong MLP vs its own checkpoint after {EARLY_STEP // (8 if quick else 1)} steps')]
+def cases(cache_dir, tune_seeds, seeds=(0, 1, 2), quick=False):
+    """The pairs of every training seed in ``seeds`` (named ``<pair>/m<seed>``), the metric and the classifier."""
+    pairs = []
+    for seed in seeds:
+        strong, early, small, classifier = models(cache_dir, seed, quick)
+        pairs += [Pair(f'digits-small/m{seed}', strong, small, (64,), note='strong MLP (256x3) vs a small MLP (32x2)',
+                       kind='quality gap (smaller network)', group='digits-small', model=seed),
+                  Pair(f'digits-early/m{seed}', strong, early, (64,), kind='quality gap (early checkpoint)',
+                       note=f'strong MLP vs its own checkpoint after {EARLY_STEP // (8 if quick else 1)} steps',
+                       group='digits-early', model=seed)]
     return pairs, DigitsMetric(classifier, tune_seeds), classifier

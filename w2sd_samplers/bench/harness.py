@@ -1,19 +1,22 @@
-"""Tune on some seeds, report on others, with every baseline at an NFE no larger than the method's.
+"""Tune on some seeds, report on others, with every family at an NFE no larger than the paper's W2SD setting.
 
-For one pair, sampler and step count T the harness evaluates, on the evaluation seeds: strong, weak and (when
-known) ideal at T steps; each W2SD variant with its (lambda, strength) tuned on the tuning seeds, and the
-self-reflection control (the same settings with weak := strong). Each W2SD run's NFE is a budget for the
-baseline families, each tuned on the tuning seeds over its candidates whose NFE fits the budget:
+For one pair, sampler and step count T the harness runs protocol v3 (benchmarks/README.md): at the budget of the
+paper's setting (NFE 3T - 2), every family's candidates that fit are scored on the tuning seeds and the best one
+(``tuning.select``: ties to the earliest candidate in the written order) is evaluated on the evaluation seeds:
 
 - ``strong``: strong alone at the best step count (the ladder, T and the budget itself);
 - ``ag``: autoguidance ``D_s + w (D_s - D_w)`` on every step, w and the step count tuned;
-- ``ag_interval``: the same with the difference only on a sigma window, w and the window tuned;
-- ``re-sampling`` (Euler-based) and ``restart`` (Heun-based), their settings tuned.
+- ``ag_interval``: the same with the difference only on a sigma window, w, the window and the step count tuned;
+- ``re-sampling`` (Euler-based) and ``restart`` (Heun-based), their settings and step counts tuned;
+- ``w2sd``: every W2SD variant and setting at T.
 
-``best`` holds every family, and W2SD over all variants, tuned at the paper setting's NFE (3T - 2): the verdict.
-All runs of a seed share the initial noise and the reference samples, so comparisons are paired.
+On a full pair and cell (``Suite.full``) also: strong, weak and (when known) ideal at T, each W2SD variant tuned
+on its own with the self-reflection control (the same settings with weak := strong). All runs of a seed share the
+initial noise and the reference samples, so comparisons are paired.
 """
 import dataclasses
+import math
+import time
 
 import k_diffusion.sampling as K
 import torch
@@ -22,9 +25,10 @@ from .. import guidance
 from ..nfe import CallCounter
 from ..tuning import largest_steps, reflected, select, stand_in
 from .methods import (AUTOGUIDANCE_WINDOWS, AUTOGUIDANCE_WS, METHODS, OWN_SAMPLER, RESAMPLING_FRACS, RESTARTS,
-                      W2SD_VARIANTS)
+                      W2SD_GRID, W2SD_VARIANTS, edges)
 
-FAMILIES = ('strong', 'ag', 'ag_interval', 're-sampling', 'restart')
+# the verdict's families, in the protocol's order (which breaks ties)
+FAMILIES = ('strong', 'ag', 'ag_interval', 're-sampling', 'restart', 'w2sd')
 LADDER = (4, 6, 8, 10, 13, 17, 22, 28, 36, 49, 64, 73, 100, 148)
 
 
@@ -34,7 +38,7 @@ class Suite:
 
     ``metric(pair, samples, seed) -> dict`` scores samples against reference data for ``seed`` (tuning and
     evaluation seeds are disjoint, and so must their references be); ``primary`` names the key compared (lower
-    is better).
+    is better). A pair's cells are ``pair.cells`` or every (sampler, T) of ``samplers`` x ``steps``.
     """
     name: str
     pairs: list
@@ -46,7 +50,7 @@ class Suite:
     eval_seeds: list
     n_tune: int
     n_eval: int
-    grid: list                      # (lam_frac, strength) candidates for the tuned W2SD variants
+    w2sd_grid: tuple = W2SD_GRID    # (lam_frac, strength) candidates of the tuned W2SD variants
     ag_ws: tuple = AUTOGUIDANCE_WS
     ag_windows: tuple = AUTOGUIDANCE_WINDOWS
     resampling_fracs: tuple = RESAMPLING_FRACS
@@ -56,6 +60,18 @@ class Suite:
     sigma_max: float = 80.
     variants: tuple = tuple(W2SD_VARIANTS)
     families: tuple = FAMILIES
+    # where the variants and controls are also run: pairs of these training seeds and groups (None: all), in
+    # their first ``full_cells`` cells (None: all)
+    full_models: tuple = (0,)
+    full_groups: tuple = None
+    full_cells: int = None
+
+    def cells(self, pair):
+        return list(pair.cells or [(sampler, t) for sampler in self.samplers for t in self.steps])
+
+    def full(self, pair, cell):
+        return (pair.model in self.full_models and (self.full_groups is None or pair.group in self.full_groups)
+                and cell in self.cells(pair)[:self.full_cells])
 
 
 @dataclasses.dataclass
@@ -66,6 +82,10 @@ class Result:
     nfe: int
     values: list                    # the primary metric per evaluation seed
     means: dict                     # every metric, averaged over the evaluation seeds
+    seconds: float = math.nan       # wall seconds per sample (evaluation runs, this machine)
+    tune: float = math.nan          # the tuning-seed mean that selected it
+    n_settings: int = 0             # how many candidates it was selected from
+    edges: list = dataclasses.field(default_factory=list)   # tuned values at an extendable end of their grid
 
 
 class Runner:
@@ -89,11 +109,14 @@ class Runner:
         return samples, counter.total
 
     def score(self, pair, sampler, method, steps, params, seed, n):
+        """(metrics, NFE, wall seconds) of one run, cached."""
         sampler = OWN_SAMPLER.get(method, sampler)
         key = (pair.name, sampler, method, steps, tuple(sorted(params.items())), seed, n)
         if key not in self._cache:
+            start = time.perf_counter()
             samples, nfe = self.sample(pair, sampler, method, steps, params, seed, n)
-            self._cache[key] = self.suite.metric(pair, samples, seed), nfe
+            took = time.perf_counter() - start
+            self._cache[key] = self.suite.metric(pair, samples, seed), nfe, took
         return self._cache[key]
 
     def tune_score(self, pair, sampler, method, steps, params):
@@ -104,16 +127,21 @@ class Runner:
     def evaluate(self, pair, sampler, method, steps, params):
         s = self.suite
         runs = [self.score(pair, sampler, method, steps, params, seed, s.n_eval) for seed in s.eval_seeds]
-        means = {k: sum(m[k] for m, _ in runs) / len(runs) for k in runs[0][0]}
-        return Result(method, steps, params, runs[0][1], [m[s.primary] for m, _ in runs], means)
+        means = {k: sum(m[k] for m, _, _ in runs) / len(runs) for k in runs[0][0]}
+        return Result(method, steps, params, runs[0][1], [m[s.primary] for m, _, _ in runs], means,
+                      seconds=sum(t for _, _, t in runs) / (len(runs) * s.n_eval))
 
     def tuned(self, pair, sampler, candidates, budget=None):
-        """The candidate ``(method, steps, params)`` with the best tuning score, evaluated; its counted NFE is
-        checked against ``budget``."""
-        best = select(candidates, lambda c: self.tune_score(pair, sampler, *c))
-        res = self.evaluate(pair, sampler, *best)
+        """The candidate ``(method, steps, params)`` picked on the tuning seeds by ``tuning.select``, evaluated;
+        its counted NFE is checked against ``budget``."""
+        method, steps, params = select(candidates, lambda c: self.tune_score(pair, sampler, *c))
+        res = self.evaluate(pair, sampler, method, steps, params)
         if budget is not None and res.nfe > budget:
             raise AssertionError(f'{res.method} used {res.nfe} NFE, over the budget {budget}')
+        res.tune, res.n_settings = self.tune_score(pair, sampler, method, steps, params), len(candidates)
+        res.edges = edges(method, params, self.suite)
+        if method == 'strong' and steps == min(self.suite.ladder):
+            res.edges.append(f'{steps} steps')
         return res
 
     def nfe(self, pair, sampler, method, steps, params):
@@ -122,73 +150,60 @@ class Runner:
         return self.sample(stand_ins, OWN_SAMPLER.get(method, sampler), method, steps, params, 0, 1)[1]
 
     def candidates(self, pair, sampler, family, budget, steps):
-        """``(method, steps, params)`` candidates of a baseline family with NFE <= budget: each setting at the
-        largest ladder step count that fits (see :func:`~w2sd_samplers.tuning.largest_steps`)."""
+        """``(method, steps, params)`` candidates of a family with NFE <= budget, in the protocol's order: each
+        baseline setting at the largest ladder step count that fits (:func:`~w2sd_samplers.tuning.largest_steps`)
+        and at T."""
         s = self.suite
         ladder = [n for n in s.ladder if n >= 2]
 
-        def fit(method, params, counts=ladder):
-            return largest_steps(lambda n: self.nfe(pair, sampler, method, n, params), budget, counts)
-        if family == 'strong':
-            return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if fit('strong', {}, [n])]
-        if family == 'ag':              # w does not change the NFE; T itself is a candidate too
-            counts = {fit('autoguidance', {'w': 1.}), fit('autoguidance', {'w': 1.}, [steps])} - {None}
-            return [('autoguidance', n, {'w': w}) for n in sorted(counts) for w in s.ag_ws]
-        if family == 'ag_interval':
-            out = []
-            for window in s.ag_windows:
-                n = fit('autoguidance', {'w': 1., 'window': window})
-                out += [] if n is None else [('autoguidance', n, {'w': w, 'window': window}) for w in s.ag_ws]
-            return out
-        if family == 're-sampling':
-            out = []
-            for f in s.resampling_fracs:
-                n = fit('re-sampling', {'lam_frac': f})
-                out += [] if n is None else [('re-sampling', n, {'lam_frac': f})]
-            return out
-        if family == 'restart':
-            out = []
-            for r in s.restarts:
-                def nfe(n):
+        def counts(method, params):
+            def nfe(n):
+                if method == 'restart':
                     try:
-                        guidance.restart_plan(self.sigmas(n), sigma_lo=r['lo'], sigma_hi=r['hi'], restart_k=r['k'])
+                        guidance.restart_plan(self.sigmas(n), sigma_lo=params['lo'], sigma_hi=params['hi'],
+                                              restart_k=params['k'])
                     except ValueError:          # sigma_lo snapped to a level at or above sigma_hi
                         return None
-                    return self.nfe(pair, sampler, 'restart', n, r)
-                n = largest_steps(nfe, budget, ladder)
-                out += [] if n is None else [('restart', n, r)]
-            return out
-        raise ValueError(f'unknown baseline family {family!r}')
-
-    def baselines(self, pair, sampler, budget, steps):
-        """Every baseline family tuned at NFE <= budget (families with no candidate that fits are left out)."""
-        out = {}
-        for family in self.suite.families:
-            cands = self.candidates(pair, sampler, family, budget, steps)
-            if cands:
-                out[family] = self.tuned(pair, sampler, cands, budget)
-        return out
+                return self.nfe(pair, sampler, method, n, params)
+            return sorted({largest_steps(nfe, budget, ladder), largest_steps(nfe, budget, [steps])} - {None})
+        if family == 'strong':
+            return [('strong', n, {}) for n in sorted({*s.ladder, steps, budget}) if n <= budget]
+        if family == 'w2sd':
+            return [c for name in s.variants for c in self.w2sd_candidates(name, steps)]
+        if family == 'ag':              # w does not change the NFE
+            return [('autoguidance', n, {'w': w}) for n in counts('autoguidance', {'w': 1.}) for w in s.ag_ws]
+        if family == 'ag_interval':
+            return [('autoguidance', n, {'w': w, 'window': window}) for window in s.ag_windows
+                    for n in counts('autoguidance', {'w': 1., 'window': window}) for w in s.ag_ws]
+        if family == 're-sampling':
+            return [('re-sampling', n, {'lam_frac': f}) for f in s.resampling_fracs
+                    for n in counts('re-sampling', {'lam_frac': f})]
+        if family == 'restart':
+            return [('restart', n, r) for r in s.restarts for n in counts('restart', r)]
+        raise ValueError(f'unknown family {family!r}')
 
     def w2sd_candidates(self, name, steps):
         fixed, grid = W2SD_VARIANTS[name]
-        return [('w2sd', steps, dict(fixed, lam_frac=f, strength=st)) for f, st in (grid or self.suite.grid)]
+        return [('w2sd', steps, dict(fixed, lam_frac=f, strength=st)) for f, st in (grid or self.suite.w2sd_grid)]
 
     def compare(self, pair, sampler, steps):
-        """Results for one pair, sampler and T: {'strong', 'weak', ['ideal'], 'variants', 'budget', 'best'}."""
+        """Results for one pair, sampler and T: {'budget', 'best'} and where ``Suite.full`` also 'strong', 'weak',
+        ['ideal'] and 'variants' (each W2SD variant tuned on its own, with its self-reflection control)."""
         s = self.suite
-        out = {m: self.evaluate(pair, sampler, m, steps, {}) for m in ('strong', 'weak')}
-        if pair.ideal is not None:
-            out['ideal'] = self.evaluate(pair, sampler, 'ideal', steps, {})
-        out['variants'] = {}
-        for name in s.variants:
-            w2sd = self.tuned(pair, sampler, self.w2sd_candidates(name, steps))
-            out['variants'][name] = {
-                'w2sd': w2sd,
-                'self': self.evaluate(pair, sampler, 'self-reflection', steps, w2sd.params),
-                'baselines': self.baselines(pair, sampler, w2sd.nfe, steps),
-            }
         budget = steps + 2 * reflected(steps, 1.)
-        every = [c for name in s.variants for c in self.w2sd_candidates(name, steps)]
-        out['budget'] = budget
-        out['best'] = {'w2sd': self.tuned(pair, sampler, every, budget), **self.baselines(pair, sampler, budget, steps)}
+        out = {'budget': budget, 'best': {}}
+        for family in s.families:            # a family may not fit a small budget: then it is left out
+            cands = self.candidates(pair, sampler, family, budget, steps)
+            if cands:
+                out['best'][family] = self.tuned(pair, sampler, cands, budget)
+        if s.full(pair, (sampler, steps)):
+            out['strong'] = self.evaluate(pair, sampler, 'strong', steps, {})
+            out['weak'] = self.evaluate(pair, sampler, 'weak', steps, {})
+            if pair.ideal is not None:
+                out['ideal'] = self.evaluate(pair, sampler, 'ideal', steps, {})
+            out['variants'] = {}
+            for name in s.variants:
+                w2sd = self.tuned(pair, sampler, self.w2sd_candidates(name, steps), budget)
+                out['variants'][name] = {
+                    'w2sd': w2sd, 'self': self.evaluate(pair, sampler, 'self-reflection', steps, w2sd.params)}
         return out

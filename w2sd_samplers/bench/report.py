@@ -1,12 +1,21 @@
-"""Markdown tables and PNG plots of the benchmark results."""
+"""The verdict of protocol v3 (benchmarks/README.md), markdown tables and PNG plots of the benchmark results.
+
+Every choice here is a pure function of the saved per-seed results in a fixed order (families in ``FAMILIES``,
+pairs and cells in the suite's order), so the tables do not depend on hash seeds or set order.
+"""
 import statistics
 
 import torch
 
-from ..stats import holm, mean_ci, paired_p
-from ..tuning import reflected
+from ..stats import holm, mean_ci, paired_p, paired_power, tost_p
+from ..tuning import reflected, select
+from .harness import FAMILIES
 
+PROTOCOL = 3
 ALPHA = 0.05
+MARGIN = 0.2        # equivalence margin and the effect the key comparison is powered for: 20% of AG interval's mean
+POWER = 0.8
+KEY = ('w2sd', 'ag_interval')
 
 
 def fmt(v):
@@ -18,17 +27,15 @@ def _ci(values):
     return f'{fmt(m)} ± {fmt(h)}'
 
 
+def _mean(res):
+    return statistics.fmean(res.values)
+
+
 def _ratio(a, b):
     """Ratio of evaluation-seed means; nan when the baseline's mean is <= 0 (an unbiased energy distance at the
     noise floor can be negative)."""
-    ma, mb = statistics.fmean(a.values), statistics.fmean(b.values)
-    return ma / mb if mb > 0 else float('nan')
-
-
-def _rel(a, b):
-    """'×0.52', or the difference of means 'Δ+0.012' when the ratio is undefined."""
-    r = _ratio(a, b)
-    return f'×{r:.2f}' if r == r else f'Δ{statistics.fmean(a.values) - statistics.fmean(b.values):+.2g}'
+    mb = _mean(b)
+    return _mean(a) / mb if mb > 0 else float('nan')
 
 
 def _median(values):
@@ -36,38 +43,12 @@ def _median(values):
     return fmt(statistics.median(values)) if values else 'n/a'
 
 
-def _sign(a, b):
-    """+1 if a's mean is lower (better) than b's, -1 if higher."""
-    return 1 if statistics.fmean(a.values) < statistics.fmean(b.values) else -1
-
-
-class Tests:
-    """Paired t-tests of one table, Holm-corrected together: ``add(a, b)`` returns a handle, ``cell(h)`` the text
-    '×0.52 (p .003, Holm .04)', ``count(hs)`` better / worse counts at Holm-adjusted p < ALPHA."""
-
-    def __init__(self):
-        self.pairs, self.raw = [], []
-
-    def add(self, a, b):
-        self.pairs.append((a, b))
-        self.raw.append(paired_p(a.values, b.values))
-        return len(self.raw) - 1
-
-    def adjusted(self):
-        return holm(self.raw)
-
-    def verdict(self, h, adjusted=True):
-        p = (self.adjusted() if adjusted else self.raw)[h]
-        return 0 if p >= ALPHA else _sign(*self.pairs[h])
-
-    def cell(self, h):
-        return f'{_rel(*self.pairs[h])} (p {self.raw[h]:.2g}, Holm {self.adjusted()[h]:.2g})'
-
-    def count(self, handles):
-        holm_v = [self.verdict(h) for h in handles]
-        raw_v = [self.verdict(h, adjusted=False) for h in handles]
-        return (f'{holm_v.count(1)} / {holm_v.count(-1)} ({raw_v.count(1)} / {raw_v.count(-1)} raw) '
-                f'of {len(handles)}')
+def _spread(values):
+    """'median [min, max]' of per-model values."""
+    values = [v for v in values if v == v]
+    if not values:
+        return 'n/a'
+    return fmt(statistics.median(values)) + (f' [{fmt(min(values))}, {fmt(max(values))}]' if len(values) > 1 else '')
 
 
 NAMES = {'strong': 'strong alone', 'ag': 'autoguidance', 'ag_interval': 'AG interval', 're-sampling': 'Re-Sampling',
@@ -75,196 +56,279 @@ NAMES = {'strong': 'strong alone', 'ag': 'autoguidance', 'ag_interval': 'AG inte
 
 
 def settings(res):
-    """The tuned settings of a result, in words."""
+    """The tuned settings of a result, in words; a value at an extendable end of its grid is marked ⚠."""
     p, n = res.params, res.steps
     if res.method in ('w2sd', 'self-reflection'):
-        form = '' if 'form' not in p else (' anchored' if p['form'] == 'anchored' else
-                                            f' weak@{p.get("weak_sigma", "current")}')
-        return f"λ={reflected(n, p['lam_frac'])}, s={p['strength']:g}{form}"
-    if res.method == 'autoguidance':
+        form = ' anchored' if p['form'] == 'anchored' else f' weak@{p["weak_sigma"]}'
+        text = f"λ={reflected(n, p['lam_frac'])}, s={p['strength']:g}{form}"
+    elif res.method == 'autoguidance':
         window = f', σ∈[{p["window"][0]:g}, {p["window"][1]:g}]' if p.get('window') else ''
-        return f'w={p["w"]:g}{window}, {n} steps'
-    if res.method == 're-sampling':
-        return f'λ={reflected(n, p["lam_frac"])}, {n} steps'
-    if res.method == 'restart':
-        return f'[{p["lo"]:g}, {p["hi"]:g}]×{p["k"]}, {n} Heun steps'
-    return f'{n} steps'
+        text = f'w={p["w"]:g}{window}, {n} steps'
+    elif res.method == 're-sampling':
+        text = f'λ={reflected(n, p["lam_frac"])}, {n} steps'
+    elif res.method == 'restart':
+        text = f'[{p["lo"]:g}, {p["hi"]:g}]×{p["k"]}, {n} Heun steps'
+    else:
+        text = f'{n} steps'
+    return text + (f' ⚠ edge: {", ".join(res.edges)}' if res.edges else '')
 
 
-def verdict_rows(suite, results):
-    """One row per pair: the family to use (the most cells won at the paper setting's NFE), how it compares
-    with strong alone at its best step count and with the best other family of each cell (Holm over the suite)."""
-    s = suite
-    cells = [(sampler, t) for sampler in s.samplers for t in s.steps]
-    tests, rows = Tests(), []
-    for p in s.pairs:
-        best = [results[p.name][c]['best'] for c in cells]
-        common = [f for f in best[0] if all(f in b for b in best)]    # a family may not fit a small budget
-        best = [{f: b[f] for f in common} for b in best]
-        wins = {}
-        for b in best:
-            winner = min(b, key=lambda f: statistics.fmean(b[f].values))
-            wins[winner] = wins.get(winner, 0) + 1
-        # ranking by ratio; an undefined ratio (strong's energy at the noise floor) ranks last
-        ratio = {f: statistics.median([r if (r := _ratio(b[f], b['strong'])) == r else float('inf') for b in best])
-                 for f in common}
-        use = max(common, key=lambda f: (wins.get(f, 0), -ratio[f]))
-        others = [min((f for f in b if f != use), key=lambda f: statistics.fmean(b[f].values)) for b in best]
-        rows.append(dict(pair=p, use=use, wins=wins.get(use, 0), n=len(cells), best=best, others=others,
-                         vs_strong=[tests.add(b[use], b['strong']) for b in best if use != 'strong'],
-                         vs_next=[tests.add(b[use], b[o]) for b, o in zip(best, others)],
-                         w2sd=[tests.add(b['w2sd'], b['strong']) for b in best]))
-    head = (s.samplers[0], s.steps[0])
-    out = [f'| pair | kind | use | cells won | ×strong alone (median) | better / worse than strong alone | '
-           'next best (most cells) | ×next best (median) | better / worse than next best | '
-           'W2SD ×strong alone (median) | W2SD better / worse than strong alone | '
-           f'at {head[0]} T={head[1]}: use / strong alone / next best |', '|' + '---|' * 12]
-    for r in rows:
-        b = r['best'][cells.index(head)]
-        o = r['others'][cells.index(head)]
-        names = [NAMES[f] for f in r['others']]
-        nxt = max(set(names), key=names.count)
-        out.append(f'| {r["pair"].name} | {r["pair"].kind} | **{NAMES[r["use"]]}** | {r["wins"]} of {r["n"]} | '
-                   + (f'{_median([_ratio(x[r["use"]], x["strong"]) for x in r["best"]])} | '
-                      f'{tests.count(r["vs_strong"])} | ' if r['use'] != 'strong' else '1 | - | ')
-                   + f'{nxt} | {_median([_ratio(x[r["use"]], x[f]) for x, f in zip(r["best"], r["others"])])} | '
-                   f'{tests.count(r["vs_next"])} | '
-                   f'{_median([_ratio(x["w2sd"], x["strong"]) for x in r["best"]])} | {tests.count(r["w2sd"])} | '
-                   f'{_ci(b[r["use"]].values)} / {_ci(b["strong"].values)} / {NAMES[o]} {_ci(b[o].values)} |')
-    return out, rows
+def _cell_winner(best):
+    """The family with the lowest tuning-seed mean (ties to the earlier family in ``FAMILIES``)."""
+    return select([f for f in FAMILIES if f in best], lambda f: best[f].tune)
 
 
-def _setup_text(s):
-    return (f'Primary metric: **{s.primary}** (lower is better). Samplers {", ".join(s.samplers)}; '
-            f'T in {{{", ".join(map(str, s.steps))}}}; Karras schedule sigma {s.sigma_max:g} -> {s.sigma_min:g}. '
-            f'Tuned on seeds {s.tune_seeds} ({s.n_tune} samples each), reported on the disjoint seeds '
-            f'{s.eval_seeds} ({s.n_eval} samples each) against disjoint references: mean ± 95% t-interval over '
-            f'seeds, ratios of means, paired t-tests; "better / worse" counts cells at Holm-adjusted p < {ALPHA} '
-            f'over all the cells of that column (raw p < {ALPHA} in parentheses). W2SD grid (fraction of the T-1 '
-            f'reflectable steps, strength): {s.grid}; the `paper` variant is fixed at λ = T-1, strength 1, weak at '
-            'the current sigma; `next` puts the weak leg at sigma_next; `anchored` evaluates both legs at (x, sigma). '
-            '`self` is the self-reflection control (the same W2SD settings with weak := strong). Every baseline is '
-            'tuned on the tuning seeds at an NFE no larger than the W2SD run it is compared with: strong alone at '
-            f'the best step count of {list(s.ladder)}, T and the NFE itself; autoguidance `D_s + w (D_s - D_w)` '
-            f'with w in {list(s.ag_ws)} on every step (largest ladder step count that fits, and T) or only for '
-            f'sigma in one of the windows {[list(w) for w in s.ag_windows]} (guidance interval); Re-Sampling '
-            f'(Euler, λ fraction in {list(s.resampling_fracs)}); Restart (Heun, [sigma_lo, sigma_hi]×k in '
-            f'{[(r["lo"], r["hi"], r["k"]) for r in s.restarts]}, 3 steps per restart). Counted NFE never exceeds '
-            'the budget (checked on every run).')
+def analyse(suite, results):
+    """Protocol v3's decisions and tests for every pair of the suite, as plain data (see benchmarks/README.md).
+
+    Per model and cell the winner is picked on tuning seeds; a model's ``use`` is the family that wins the most
+    cells (ties to the earlier family). Tests on the evaluation seeds, each Holm-corrected over the suite: ``use``
+    against strong alone (paired t), and the key comparison W2SD - AG interval (paired t; TOST within ±MARGIN of AG
+    interval's mean), with the power of the paired t-test for a MARGIN difference at the observed spread.
+    """
+    cells = {p.name: suite.cells(p) for p in suite.pairs}
+    per_model = []
+    for p in suite.pairs:
+        best = [results[p.name][c]['best'] for c in cells[p.name]]
+        winners = [_cell_winner(b) for b in best]
+        use = select([f for f in FAMILIES if f in best[0]], lambda f: -winners.count(f))
+        per_model.append(dict(pair=p, best=best, cells=cells[p.name], winners=winners, use=use,
+                              wins=winners.count(use)))
+    use_p, key_p, tost = [], [], []
+    for m in per_model:
+        m['vs_strong'] = [len(use_p) + i for i in range(len(m['best']))] if m['use'] != 'strong' else []
+        use_p += [paired_p(b[m['use']].values, b['strong'].values) for b in m['best']] if m['use'] != 'strong' \
+            else []
+        m['key'] = []
+        for b in m['best']:
+            if not all(f in b for f in KEY):
+                continue
+            w, a = b[KEY[0]], b[KEY[1]]
+            margin = MARGIN * abs(_mean(a))
+            d = [x - y for x, y in zip(w.values, a.values)]
+            sd = statistics.stdev(d) if len(d) > 1 else float('nan')
+            m['key'].append(dict(w2sd=w, ag=a, index=len(key_p), margin=margin,
+                                 power=paired_power(sd, margin, len(d), ALPHA) if margin > 0 else float('nan')))
+            key_p.append(paired_p(w.values, a.values))
+            tost.append(tost_p(w.values, a.values, margin) if margin > 0 else 1.)
+    use_h, key_h, tost_h = holm(use_p), holm(key_p), holm(tost)
+    for m in per_model:
+        m['vs_strong'] = [(use_p[i], use_h[i]) for i in m['vs_strong']]
+        for k in m['key']:
+            i = k['index']
+            k.update(p=key_p[i], holm=key_h[i], tost=tost[i], tost_holm=tost_h[i])
+            k['outcome'] = ('W2SD better' if _mean(k['w2sd']) < _mean(k['ag']) else 'AG interval better') \
+                if key_h[i] < ALPHA else 'equivalent' if tost_h[i] < ALPHA else 'inconclusive'
+    groups = []
+    for p in suite.pairs:
+        if not any(g['group'] == p.group for g in groups):
+            models = [m for m in per_model if m['pair'].group == p.group]
+            uses = [m['use'] for m in models]
+            groups.append(dict(group=p.group, kind=p.kind, models=models,
+                               use=uses[0] if uses.count(uses[0]) == len(uses) else None))
+    return groups
+
+
+def _counts(flags):
+    """'b better / w worse of n' from (p, holm, sign) triples, Holm-adjusted (raw in parentheses)."""
+    holm_b = sum(h < ALPHA and s > 0 for _, h, s in flags)
+    holm_w = sum(h < ALPHA and s < 0 for _, h, s in flags)
+    raw_b = sum(p < ALPHA and s > 0 for p, _, s in flags)
+    raw_w = sum(p < ALPHA and s < 0 for p, _, s in flags)
+    return f'{holm_b} / {holm_w} ({raw_b} / {raw_w} raw) of {len(flags)}'
+
+
+OUTCOMES = ('W2SD better', 'AG interval better', 'equivalent', 'inconclusive')
+
+
+def verdict_table(groups):
+    """The verdict table: one row per pair (over its retrained models)."""
+    out = ['| pair | kind | models | use (picked on tuning seeds) | cells won per model | use ×strong alone: '
+           'median [min, max over models] | use better / worse than strong alone | W2SD ×AG interval | '
+           'W2SD vs AG interval per cell: ' + ' / '.join(OUTCOMES) + ' | power for a 20% difference: median [min] | '
+           'wall time per sample: use ×strong alone, W2SD ×AG interval |', '|' + '---|' * 11]
+    for g in groups:
+        models = g['models']
+        if g['use'] is None:
+            use = 'depends on the model: ' + ', '.join(f'm{m["pair"].model} {NAMES[m["use"]]}' for m in models)
+        else:
+            use = f'**{NAMES[g["use"]]}**'
+        won = ', '.join(f'{m["wins"]}/{len(m["cells"])}' for m in models)
+        vs_strong = [(p, h, 1 if _mean(b[m['use']]) < _mean(b['strong']) else -1)
+                     for m in models for (p, h), b in zip(m['vs_strong'], m['best'])]
+        per_model_ratio = [statistics.median([_ratio(b[m['use']], b['strong']) for b in m['best']]) for m in models]
+        keys = [k for m in models for k in m['key']]
+        key_ratio = [statistics.median([_ratio(k['w2sd'], k['ag']) for k in m['key']]) for m in models if m['key']]
+        outcome = ' / '.join(str(sum(k['outcome'] == o for k in keys)) for o in OUTCOMES)
+        powers = [k['power'] for k in keys if k['power'] == k['power']]
+        power = f'{_median(powers)} [{fmt(min(powers))}]' if powers else 'n/a'
+        wall_use = [b[m['use']].seconds / b['strong'].seconds for m in models for b in m['best']]
+        wall_key = [k['w2sd'].seconds / k['ag'].seconds for k in keys]
+        n = str(len(models)) if len(models) > 1 else '1 (exact)' if models[0]['pair'].ideal is not None else \
+            '1 (not retrained)'
+        out.append(f'| {g["group"]} | {g["kind"]} | {n} | {use} | {won} | '
+                   + (f'{_spread(per_model_ratio)} | {_counts(vs_strong)} | ' if vs_strong else '1 | - | ')
+                   + f'{_spread(key_ratio)} | {outcome} | {power} | {_median(wall_use)}, {_median(wall_key)} |')
+    return out
+
+
+def verdict_words(groups):
+    """The plain reading of the verdict rows: which family to use, only where every retrained model agrees."""
+    lines = []
+    for g in groups:
+        keys = [k['outcome'] for m in g['models'] for k in m['key']]
+        same = keys and keys.count(keys[0]) == len(keys)
+        key = (f'W2SD vs AG interval: {keys[0]} in every cell' if same else
+               'W2SD vs AG interval: ' + ', '.join(f'{o} {keys.count(o)}' for o in OUTCOMES if o in keys)
+               + ' (no single reading)')
+        use = NAMES[g['use']] if g['use'] else 'depends on the model'
+        if len(g['models']) == 1 and g['models'][0]['pair'].ideal is None:
+            use += ' (one trained model, not retrained)'
+        lines.append(f'- {g["group"]} ({g["kind"]}): use {use}; {key}.')
+    return lines
+
+
+def variant(params):
+    """The W2SD variant a setting belongs to."""
+    return 'anchored' if params['form'] == 'anchored' else 'next' if params['weak_sigma'] == 'next' else 'paper'
+
+
+def w2sd_picks(groups):
+    """((variant, λ fraction, strength), cells) of W2SD's tuned picks, most frequent first (ties in grid order)."""
+    counts = {}
+    for g in groups:
+        for m in g['models']:
+            for b in m['best']:
+                p = b['w2sd'].params
+                key = (variant(p), p['lam_frac'], p['strength'])
+                counts[key] = counts.get(key, 0) + 1
+    order = {'paper': 0, 'next': 1, 'anchored': 2}
+    return sorted(counts.items(), key=lambda kv: (-kv[1], order[kv[0][0]], kv[0][1], kv[0][2]))
+
+
+def _setup_text(s, groups):
+    n_settings = {}
+    for g in groups:
+        for m in g['models']:
+            for cell, b in zip(m['cells'], m['best']):
+                for f in FAMILIES:
+                    if f in b:
+                        n_settings.setdefault((f, cell[1]), b[f].n_settings)
+    steps = sorted({t for _, t in n_settings})
+    counts = '; '.join(f'{NAMES[f]} ' + '/'.join(str(n_settings.get((f, t), 0)) for t in steps) for f in FAMILIES)
+    return (f'Protocol v{PROTOCOL} (benchmarks/README.md). Primary metric: **{s.primary}** (lower is better). '
+            f'Samplers {", ".join(s.samplers)}; T in {{{", ".join(map(str, s.steps))}}} (unless a pair lists its '
+            f'own cells); Karras schedule sigma {s.sigma_max:g} -> {s.sigma_min:g}. Tuned on seeds {s.tune_seeds} '
+            f'({s.n_tune} samples each), reported on the disjoint seeds {s.eval_seeds[0]}..{s.eval_seeds[-1]} '
+            f'({len(s.eval_seeds)} seeds, {s.n_eval} samples each) against disjoint references: mean ± 95% '
+            f't-interval over seeds, ratios of means, paired t-tests, Holm over the suite. Every family is tuned '
+            f'at NFE <= the paper setting\'s (3T - 2); settings per family at T = {"/".join(map(str, steps))}: '
+            f'{counts}. Grids: W2SD (λ fraction of T-1, strength) {list(s.w2sd_grid)} for the `next` and '
+            f'`anchored` variants, plus the paper setting (λ = T-1, strength 1, weak at the current sigma); '
+            f'autoguidance w in {list(s.ag_ws)} on every step or only in the sigma windows '
+            f'{[list(w) for w in s.ag_windows]}; Re-Sampling λ fraction in {list(s.resampling_fracs)}; Restart '
+            f'[sigma_lo, sigma_hi]×k in {[(r["lo"], r["hi"], r["k"]) for r in s.restarts]}; each baseline at the '
+            'largest ladder step count that fits and at T; strong alone at every step count of '
+            f'{list(s.ladder)}, T and the budget that fits. Counted NFE never exceeds the budget (checked on every '
+            'run). ⚠ marks a tuned value at an end of its grid that the grid could extend past.')
+
+
+def _key_text(k):
+    return (f'{fmt(_mean(k["w2sd"]) - _mean(k["ag"]))} (p {k["p"]:.2g}, Holm {k["holm"]:.2g}; TOST ±{fmt(k["margin"])}'
+            f' p {k["tost"]:.2g}, Holm {k["tost_holm"]:.2g}; power {k["power"]:.2f}): **{k["outcome"]}**')
 
 
 def quality_section(suite, results, header):
-    """The markdown section of one quality suite (setup, summary, per-pair tables), its verdict table and rows."""
+    """The markdown section of one quality suite, and its verdict table and reading."""
     s = suite
-    verdict_table, rows = verdict_rows(s, results)
-    out = [f'## {header}', '', _setup_text(s), '',
-           'The verdict table of this suite is at the top of RESULTS.md.']
-    out += ['', '### W2SD variants against each baseline at NFE <= the variant\'s', '',
-            'Median ratio of means over pairs and T, and better / worse counts.', '',
-            '| variant | sampler | ×strong(T) | ' + ' | '.join(f'×{NAMES[f]}' for f in s.families)
-            + ' | self ×strong(T) |', '|' + '---|' * (len(s.families) + 4)]
-    tests = Tests()
-    handles = {}
-    for v in s.variants:
-        for sampler in s.samplers:
-            for p in s.pairs:
-                for t in s.steps:
-                    r = results[p.name][sampler, t]
-                    c = r['variants'][v]
-                    handles[p.name, sampler, t, v, 'T'] = tests.add(c['w2sd'], r['strong'])
-                    handles[p.name, sampler, t, v, 'self'] = tests.add(c['self'], r['strong'])
-                    for f, b in c['baselines'].items():
-                        handles[p.name, sampler, t, v, f] = tests.add(c['w2sd'], b)
-    for v in s.variants:
-        for sampler in s.samplers:
-            keys = [(p.name, sampler, t, v) for p in s.pairs for t in s.steps]
-
-            def col(f):
-                hs = [handles[k + (f,)] for k in keys if k + (f,) in handles]
-                return f'{_median([_ratio(*tests.pairs[h]) for h in hs])}: {tests.count(hs)}'
-            out.append(f'| {v} | {sampler} | {col("T")} | ' + ' | '.join(col(f) for f in s.families)
-                       + f' | {col("self")} |')
-    for p in s.pairs:
-        out += ['', f'### {p.name}', '', p.note, '',
-                "W2SD against strong alone at T and each baseline family at NFE <= the W2SD run's (ratio of "
-                'means, raw p, Holm-adjusted p):', '',
-                '| sampler | T | strong(T) | variant | settings | NFE | W2SD | ×strong(T) | '
-                + ' | '.join(f'×{NAMES[f]}' for f in s.families) + ' | self ×strong(T) |',
-                '|' + '---|' * (len(s.families) + 9)]
-        for sampler in s.samplers:
-            for t in s.steps:
-                r = results[p.name][sampler, t]
-                for v, c in r['variants'].items():
-                    k = (p.name, sampler, t, v)
-                    fam = [tests.cell(handles[k + (f,)]) if k + (f,) in handles else 'no fit' for f in s.families]
-                    out.append(f'| {sampler} | {t} | {_ci(r["strong"].values)} | {v} | {settings(c["w2sd"])} | '
-                               f'{c["w2sd"].nfe} | {_ci(c["w2sd"].values)} | {tests.cell(handles[k + ("T",)])} | '
-                               + ' | '.join(fam) + f' | {tests.cell(handles[k + ("self",)])} |')
-        out += ['', 'Every family at the paper setting\'s NFE (the verdict\'s runs): mean ± interval, NFE, tuned '
-                'settings.',
-                '', '| sampler | T | budget | ' + ' | '.join(NAMES[f] for f in ('w2sd',) + s.families) + ' |',
-                '|' + '---|' * (len(s.families) + 4)]
-        for sampler in s.samplers:
-            for t in s.steps:
-                r = results[p.name][sampler, t]
-                out.append(f'| {sampler} | {t} | {r["budget"]} | ' + ' | '.join(
-                    f'{_ci(r["best"][f].values)} ({r["best"][f].nfe}; {settings(r["best"][f])})' if f in r['best']
-                    else 'no fit' for f in ('w2sd',) + s.families) + ' |')
-        out += secondary_table(s, p, results)
-    return '\n'.join(out) + '\n', verdict_table, rows
+    groups = analyse(s, results)
+    out = [f'## {header}', '', _setup_text(s, groups), '', 'The verdict table of this suite is at the top of '
+           'RESULTS.md.', '', '### Tuned values at a grid edge', '',
+           '| family | cells with a tuned value at an edge | of |', '|---|---|---|']
+    bests = [b for g in groups for m in g['models'] for b in m['best']]
+    for f in FAMILIES:
+        there = [b[f] for b in bests if f in b]
+        out.append(f'| {NAMES[f]} | {sum(bool(r.edges) for r in there)} | {len(there)} |')
+    out += ['', '### W2SD\'s tuned setting', '', 'How often each W2SD setting was W2SD\'s pick (tuning seeds, every '
+            'model and cell of this suite):', '', '| variant | λ fraction | strength | cells |', '|---|---|---|---|']
+    out += [f'| {v} | {f:g} | {st:g} | {n} |' for (v, f, st), n in w2sd_picks(groups)]
+    for g in groups:
+        out += ['', f'### {g["group"]}', '', g['models'][0]['pair'].note, '',
+                'Every family at the paper setting\'s NFE (mean ± interval on the evaluation seeds; NFE; tuned '
+                'settings; number of settings tuned over), and the key comparison W2SD - AG interval (difference of '
+                'means, paired t-test, TOST, power for a 20% difference):', '',
+                '| model | sampler | T | budget | ' + ' | '.join(NAMES[f] for f in FAMILIES)
+                + ' | picked on tuning seeds | W2SD - AG interval |', '|' + '---|' * (len(FAMILIES) + 6)]
+        for m in g['models']:
+            keys = iter(m['key'])
+            for (sampler, t), b, winner in zip(m['cells'], m['best'], m['winners']):
+                r = results[m['pair'].name][sampler, t]
+                fam = [f'{_ci(b[f].values)} ({b[f].nfe}; {settings(b[f])}; {b[f].n_settings})' if f in b
+                       else 'no fit' for f in FAMILIES]
+                key = _key_text(next(keys)) if all(f in b for f in KEY) else 'n/a'
+                out.append(f'| m{m["pair"].model} | {sampler} | {t} | {r["budget"]} | ' + ' | '.join(fam)
+                           + f' | {NAMES[winner]} | {key} |')
+        full = [(m, c) for m in g['models'] for c in m['cells'] if 'variants' in results[m['pair'].name][c]]
+        if full:
+            out += ['', 'Strong, weak (and ideal) at T, each W2SD variant tuned on its own, and the self-reflection '
+                    'control (the same settings with weak := strong): mean ± interval.', '',
+                    '| model | sampler | T | strong(T) | weak(T) | ideal(T) | '
+                    + ' | '.join(f'W2SD {v} | self {v}' for v in s.variants) + ' |',
+                    '|' + '---|' * (6 + 2 * len(s.variants))]
+            for m, (sampler, t) in full:
+                r = results[m['pair'].name][sampler, t]
+                var = [f'{_ci(c["w2sd"].values)} ({settings(c["w2sd"])}) | {_ci(c["self"].values)}'
+                       for c in r['variants'].values()]
+                out.append(f'| m{m["pair"].model} | {sampler} | {t} | {_ci(r["strong"].values)} | '
+                           f'{_ci(r["weak"].values)} | {_ci(r["ideal"].values) if "ideal" in r else "-"} | '
+                           + ' | '.join(var) + ' |')
+            out += secondary_table(full[0][0]['pair'], full[0][1], results)
+    return '\n'.join(out) + '\n', verdict_table(groups), groups
 
 
-def secondary_table(suite, pair, results):
-    """All metrics (means over evaluation seeds) of every method at the middle T with the first sampler."""
-    sampler, t = suite.samplers[0], suite.steps[len(suite.steps) // 2]
+def secondary_table(pair, cell, results):
+    """All metrics (means over evaluation seeds) of every method in one cell."""
+    sampler, t = cell
     r = results[pair.name][sampler, t]
     rows = [('strong', r['strong']), ('weak', r['weak'])] + ([('ideal denoiser', r['ideal'])] if 'ideal' in r else [])
     for v, c in r['variants'].items():
         rows += [(f'W2SD {v}', c['w2sd']), (f'self {v}', c['self'])]
-    rows += [(f'{NAMES[f]} ({settings(b)})', b) for f, b in r['best'].items() if f != 'w2sd']
+    rows += [(f'{NAMES[f]} ({settings(b)})', b) for f, b in r['best'].items()]
     keys = list(r['strong'].means)
-    out = ['', f'All metrics, {sampler}, T={t} (means over evaluation seeds; baselines at NFE <= {r["budget"]}):', '',
-           '| method | NFE | ' + ' | '.join(keys) + ' |', '|' + '---|' * (len(keys) + 2)]
+    out = ['', f'All metrics, {pair.name}, {sampler}, T={t} (means over evaluation seeds; families at NFE <= '
+           f'{r["budget"]}; s/sample is wall time on this machine):', '',
+           '| method | NFE | ' + ' | '.join(keys) + ' | s/sample |', '|' + '---|' * (len(keys) + 3)]
     for name, res in rows:
-        out.append(f'| {name} | {res.nfe} | ' + ' | '.join(fmt(res.means[k]) for k in keys) + ' |')
+        out.append(f'| {name} | {res.nfe} | ' + ' | '.join(fmt(res.means[k]) for k in keys)
+                   + f' | {fmt(res.seconds)} |')
     return out
 
 
-def plot_quality_vs_nfe(suite, results, path, sampler=None):
-    """Primary metric against NFE, one panel per pair: strong alone at every step count evaluated, the W2SD
-    variants, and the other baseline families at the paper setting's NFE."""
-    sampler = sampler or suite.samplers[0]
-    n = len(suite.pairs)
-    plt, fig, axes = _figure(n, min(n, 4), 4., 3.2)
-    for ax, p in zip(axes.flat, suite.pairs):
-        strong = {}
-        for t in suite.steps:
-            r = results[p.name][sampler, t]
-            for res in [r['strong'], r['best']['strong']] + [c['baselines']['strong'] for c in r['variants'].values()]:
-                strong[res.nfe] = statistics.fmean(res.values)
-        xs = sorted(strong)
-        ax.plot(xs, [strong[x] for x in xs], 'k.-', label='strong alone')
-        for i, v in enumerate(suite.variants):
-            pts = [(results[p.name][sampler, t]['variants'][v]['w2sd'].nfe,
-                    statistics.fmean(results[p.name][sampler, t]['variants'][v]['w2sd'].values)) for t in suite.steps]
-            ax.plot(*zip(*pts), 'o--', color=f'C{i}', label=f'W2SD {v}')
-        for i, f in enumerate(f for f in suite.families if f != 'strong'):
-            pts = sorted((results[p.name][sampler, t]['best'][f].nfe,
-                          statistics.fmean(results[p.name][sampler, t]['best'][f].values))
-                         for t in suite.steps if f in results[p.name][sampler, t]['best'])
+def plot_quality_vs_nfe(suite, results, path):
+    """Primary metric against NFE for each pair's first model and first sampler: every family at the paper
+    setting's NFE, T by T."""
+    pairs = [p for p in suite.pairs if p.model == min(q.model for q in suite.pairs if q.group == p.group)]
+    plt, fig, axes = _figure(len(pairs), min(len(pairs), 4), 4., 3.2)
+    for ax, p in zip(axes.flat, pairs):
+        cells = suite.cells(p)
+        sampler = cells[0][0]
+        ts = [t for s, t in cells if s == sampler]
+        for i, f in enumerate(FAMILIES):
+            pts = sorted((results[p.name][sampler, t]['best'][f].nfe, _mean(results[p.name][sampler, t]['best'][f]))
+                         for t in ts if f in results[p.name][sampler, t]['best'])
             if pts:
-                ax.plot(*zip(*pts), 'sv^Dx'[i] + ':', color=f'C{i + len(suite.variants)}', label=NAMES[f])
+                ax.plot(*zip(*pts), 'os^vDx'[i] + '--', color=f'C{i}', label=NAMES[f])
         ax.set_xscale('log')
         if suite.primary == 'fd':
             ax.set_yscale('log')
         else:       # an unbiased energy distance can dip below 0 at the noise floor, a TV can be 0
             ax.set_yscale('symlog', linthresh=1e-3)
             ax.set_ylim(bottom=-1e-3)
-        ax.set_title(p.name, fontsize=9)
+        ax.set_title(f'{p.name} ({sampler})', fontsize=9)
         ax.set_xlabel('NFE')
         ax.set_ylabel(suite.primary)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f'{suite.name}: {suite.primary} against NFE ({sampler}, evaluation seeds)')
+    fig.suptitle(f'{suite.name}: {suite.primary} against NFE (evaluation seeds)')
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
