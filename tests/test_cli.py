@@ -37,12 +37,12 @@ def test_demo_reports_every_method_with_its_nfe_and_is_deterministic(capsys, tmp
     plot = tmp_path / 'demo.png'
     lines = run_demo(capsys, '--seed', '3', '--plot', str(plot))
     rows = {line[:26].strip(): line[26:].split() for line in lines if line[26:33].strip().isdigit()}
-    paper, anchored = 'W2SD paper lam=9 s=1', 'W2SD anchored lam=5 s=0.5'          # lam = T - 1 and 0.6 (T - 1)
-    assert set(rows) == {'ideal (2nd draw)', 'weak alone', 'strong alone', anchored, paper,
+    paper, anchored, half = 'W2SD paper lam=9 s=1', 'W2SD anchored lam=9 s=1', 'W2SD anchored lam=9 s=0.5'
+    assert set(rows) == {'ideal (2nd draw)', 'weak alone', 'strong alone', anchored, half, paper,
                          'strong, paper W2SD NFE', 'diff. guidance w=1'}
     nfe = {name: int(cols[0]) for name, cols in rows.items()}
     assert nfe[paper] == 10 + 2 * 9 == nfe['strong, paper W2SD NFE'] == nfe['diff. guidance w=1']
-    assert nfe['strong alone'] == 10 == nfe['weak alone'] and nfe[anchored] == 10 + 2 * 5
+    assert nfe['strong alone'] == 10 == nfe['weak alone'] and nfe[anchored] == nfe[half] == 10 + 2 * 9
     assert float(rows['weak alone'][1]) == 0.0  # the weak model lacks the (-4,-4) mode
     # Energy distance: far from the ideal for the weak model, near the sampling floor for a second ideal draw.
     assert float(rows['weak alone'][-1]) > 0.3 > abs(float(rows['ideal (2nd draw)'][-1]))

@@ -40,7 +40,6 @@ def _demo_runs(args):
     sigmas = K.get_sigmas_karras(args.steps, 0.01, 40.).double()
     noise = torch.randn(args.samples, 2, generator=g, dtype=torch.float64)
     lam = args.steps - 1
-    lam_anchored = round(0.6 * lam)                      # the benchmarks' usual best with the anchored form
     nfe_w2sd = args.steps + 2 * lam
     sigmas_matched = K.get_sigmas_karras(nfe_w2sd, 0.01, 40.).double()
     # Difference guidance D_s + (D_s - D_w) is W2SD's first-order twin at 2 calls per step: give it the paper
@@ -49,9 +48,10 @@ def _demo_runs(args):
     runs = [
         ('weak alone', lambda m: K.sample_euler(m['weak'], noise * sigmas[0], sigmas, disable=True)),
         ('strong alone', lambda m: K.sample_euler(m['strong'], noise * sigmas[0], sigmas, disable=True)),
-        (f'W2SD anchored lam={lam_anchored} s=0.5', lambda m: sample_w2sd_euler(
-            m['strong'], noise * sigmas[0], sigmas, disable=True, weak=m['weak'], form='anchored', lam=lam_anchored,
-            strength=.5)),
+        # the v3 benchmarks' two most frequent W2SD picks (benchmarks/RESULTS.md: 10 and 9 of 50 cells)
+        *[(f'W2SD anchored lam={lam} s={strength:g}', lambda m, strength=strength: sample_w2sd_euler(
+            m['strong'], noise * sigmas[0], sigmas, disable=True, weak=m['weak'], form='anchored', lam=lam,
+            strength=strength)) for strength in (1., .5)],
         (f'W2SD paper lam={lam} s=1', lambda m: sample_w2sd_euler(m['strong'], noise * sigmas[0], sigmas,
                                                                   disable=True, weak=m['weak'], lam=lam)),
         ('strong, paper W2SD NFE', lambda m: K.sample_euler(m['strong'], noise * sigmas_matched[0], sigmas_matched,

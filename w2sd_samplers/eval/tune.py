@@ -11,8 +11,9 @@ import math
 from ..tuning import select
 from . import methods as M
 
-# The tuning grid, per family. W2SD: reflected share of the T - 1 reflectable steps x strength (the benchmarks'
-# best settings sit inside it: anchored, strength 0.5, about 0.6 of the steps). Autoguidance: Karras et al.'s weight
+# The tuning grid, per family. W2SD: reflected share of the T - 1 reflectable steps x strength (the v3 benchmarks'
+# most frequent W2SD picks, anchored at share 1 with strength 1 or 0.5, are in it; strength 1 is its top, so a pick
+# there may sit at the grid's edge: the benchmarks tune strength up to 2). Autoguidance: Karras et al.'s weight
 # w (1 = the paper's baseline), and for the interval version Kynkaanniemi et al.'s interval (0.28, 5.42) or the
 # high-noise half (sigma >= 1). Plain: fractions of the budget as step counts.
 W2SD_GRID = [dict(lam_frac=f, strength=s) for f in (0.3, 0.6, 1.) for s in (0.25, 0.5, 1.)]

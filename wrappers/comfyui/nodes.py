@@ -54,8 +54,11 @@ def reflection_inputs():
                                      tooltip='scales the reflection; 1 = the paper, 0 = the base sampler unchanged')),
         'weak_sigma': (list(WEAK_SIGMAS), {'tooltip': 'noise level of the weak inversion: current (the paper) or '
                                                       'next (textbook inversion)'}),
-        'form': (list(FORMS), {'tooltip': 'paper: strong denoising step, then weak inversion; anchored: both legs '
-                                          'at the current latent (the identity when weak equals strong)'}),
+        'form': (list(FORMS), {'default': 'anchored',
+                               'tooltip': 'paper: strong denoising step, then weak inversion; anchored: both legs '
+                                          'at the current latent (the identity when weak equals strong). Default '
+                                          'anchored: W2SD\'s pick in 41 of 50 tuned benchmark cells, where the '
+                                          'paper form hurt at few steps (benchmarks/RESULTS.md)'}),
         'reflections': ('INT', number('reflections', default=1,
                                       tooltip='reflections per reflected step (1 = the paper)')),
     }
