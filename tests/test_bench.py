@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,9 @@ def test_paired_p_sees_a_consistent_shift_and_not_noise():
     a = [1., 2., 3., 4., 5.]
     assert stats.paired_p([x + 0.5 + 0.01 * i for i, x in enumerate(a)], a) < 1e-4
     assert stats.paired_p(a, a) == 1.
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                   # scipy's precision-loss warning on a constant shift
+        assert stats.paired_p([x + 1. for x in [1., 2., 3., 4.]], [1., 2., 3., 4.]) == 0.
 
 
 def test_tost_is_the_larger_of_two_one_sided_t_tests():

@@ -85,6 +85,8 @@ def paired_p(a, b):
         raise ValueError(f'paired samples must have equal length, got {len(a)} and {len(b)}')
     if all(x == y for x, y in zip(a, b)):
         return 1.
+    if len(a) > 1 and len({x - y for x, y in zip(a, b)}) == 1:  # a constant shift: t is infinite (scipy warns)
+        return 0.
     return float(_scipy_stats().ttest_rel(a, b).pvalue)
 
 
