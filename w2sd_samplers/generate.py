@@ -214,6 +214,12 @@ class PipelinePair:
         return _decode(self.pipe, self.family, latents, output_type)
 
 
+def _check_cfg_scales(**scales):
+    for name, value in scales.items():
+        if value is not None and not finite_number(value):      # a NaN scale samples black images
+            raise ValueError(f'{name} must be a finite number, got {value!r}')
+
+
 @contextlib.contextmanager
 def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None, guidance_scale=7.5,
                   strong_cfg=None, weak_cfg=None, weak_model=None, weak_prompt=None, lora=None,
@@ -221,9 +227,7 @@ def pipeline_pair(pipe, prompt, *, negative_prompt=None, height=None, width=None
     """The :class:`PipelinePair` of :func:`generate`'s pair options (same meaning, same defaults) for ``prompt``;
     a LoRA adapter's state is restored on exit."""
     from .adapters.unet import unet_denoiser
-    for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
-        if value is not None and not finite_number(value):      # a NaN scale samples black images
-            raise ValueError(f'{name} must be a finite number, got {value!r}')
+    _check_cfg_scales(guidance_scale=guidance_scale, strong_cfg=strong_cfg, weak_cfg=weak_cfg)
     fam = family(pipe)
     device = pipe._execution_device           # the UNet's device, or the offload target
     vsf = pipe.vae_scale_factor
@@ -300,9 +304,7 @@ def generate(pipe, prompt, *, negative_prompt=None, steps=30, sampler='euler', s
         raise ValueError(f'seed must be an integer from -2**63 to 2**64 - 1, got {seed}')
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f'steps must be an integer >= 1, got {steps!r}')
-    for name, value in (('guidance_scale', guidance_scale), ('strong_cfg', strong_cfg), ('weak_cfg', weak_cfg)):
-        if value is not None and not finite_number(value):
-            raise ValueError(f'{name} must be a finite number, got {value!r}')
+    _check_cfg_scales(guidance_scale=guidance_scale, strong_cfg=strong_cfg, weak_cfg=weak_cfg)
     strong_cfg = guidance_scale if strong_cfg is None else strong_cfg
     weak_cfg = strong_cfg if weak_cfg is None else weak_cfg
     lora_on = lora is not None
